@@ -1,0 +1,102 @@
+"""visionflow's training step (Lightning + ClassificationModule) vs a plain PyTorch loop.
+
+Both train the same network from the same initial weights on the same pre-made batches, with
+the same optimizer and schedule, in this process; runs alternate so that machine load hits both
+alike. Prints images/second of each and the ratio ours / plain (1.0 = no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from visionflow.core.config import load_config, to_container
+from visionflow.core.factories import build_model
+from visionflow.vision.modules import ClassificationModule
+
+
+def plain_loop(net, batches, optim_cfg) -> float:
+    opt = instantiate(optim_cfg["optimizer"], params=net.parameters())
+    sched = instantiate(optim_cfg["scheduler"])(opt, total_steps=len(batches))
+    net.train()
+    start = time.perf_counter()
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return time.perf_counter() - start
+
+
+class Timer(pl.Callback):
+    """Times the training batches only, as the plain loop is timed (no set-up or teardown)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def lightning_loop(net, batches, optim_cfg, device: str) -> float:
+    module = ClassificationModule(net, spec={}, optim=optim_cfg)
+    timer = Timer()
+    trainer = pl.Trainer(
+        accelerator=device, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, callbacks=[timer],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
+    return timer.seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="simple_cnn")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = load_config([f"model={args.model}"])
+    optim_cfg = to_container(cfg.optim)
+    torch.manual_seed(0)
+    net0 = build_model(cfg.model, num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g),
+         torch.randint(0, 10, (args.batch_size,), generator=g))
+        for _ in range(args.steps)
+    ]  # fmt: skip
+    on_device = [(x.to(device), y.to(device)) for x, y in batches]
+
+    plain_loop(copy.deepcopy(net0).to(device), on_device[:3], optim_cfg)  # warm-up
+    lightning_loop(copy.deepcopy(net0), batches[:3], optim_cfg, device)
+    times = {"plain": [], "ours": []}
+    for _ in range(args.repeats):
+        times["plain"].append(plain_loop(copy.deepcopy(net0).to(device), on_device, optim_cfg))
+        times["ours"].append(lightning_loop(copy.deepcopy(net0), batches, optim_cfg, device))
+    images = args.steps * args.batch_size
+    rate = {k: images / statistics.median(v) for k, v in times.items()}
+    print(f"model={args.model} image={args.image_size}px batch={args.batch_size} steps={args.steps} "
+          f"repeats={args.repeats} device={device} threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"  plain PyTorch loop : {rate['plain']:10.1f} img/s")
+    print(f"  visionflow (ours)  : {rate['ours']:10.1f} img/s")
+    print(f"  ratio ours/plain   : {rate['ours'] / rate['plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def export(
+    overrides: list,
+    run_id: str,
+    dataset: Input[Dataset],
+    model: Input[Model],
+    onnx: Output[Model],
+    torchscript: Output[Model],
+    parity: Output[Metrics],
+):
+    """Export to ONNX (dynamic batch) and TorchScript; both checked against PyTorch on test images.
+
+    Args:
+        overrides: Hydra overrides for this run.
+        run_id: The run's id.
+        dataset: The prepared dataset (test images for the parity check).
+        model: The checkpoint to export.
+        onnx: The fp32 ONNX model.
+        torchscript: The TorchScript model.
+        parity: Max |logit difference| and top-1 agreement of each export.
+    """
+    from visionflow.pipeline_io import step_config, uri_of, write_pointer
+    from visionflow.steps.export import export as run
+
+    r = run(
+        step_config(overrides, run_id),
+        dataset_id=dataset.metadata["dataset_id"],
+        checkpoint_uri=uri_of(model),
+    )
+    write_pointer(onnx, r.onnx_uri, max_abs_diff=r.onnx.max_abs_diff, image_size=r.image_size)
+    write_pointer(
+        torchscript,
+        r.torchscript_uri,
+        max_abs_diff=r.torchscript.max_abs_diff,
+        image_size=r.image_size,
+    )
+    for name, p in (("onnx", r.onnx), ("torchscript", r.torchscript)):
+        parity.log_metric(f"{name}_max_abs_diff", p.max_abs_diff)
+        parity.log_metric(f"{name}_top1_agreement", p.top1_agreement)

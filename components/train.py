@@ -1,0 +1,33 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+def train(
+    overrides: list,
+    run_id: str,
+    dataset: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train with Lightning; checkpoints go to the artifact store, metrics to MLflow.
+
+    Rerunning with the same run_id resumes from the last checkpoint.
+
+    Args:
+        overrides: Hydra overrides for this run.
+        run_id: The run's id.
+        dataset: The prepared dataset.
+        model: Points at the best checkpoint.
+        metrics: Best validation accuracy and training length.
+    """
+    from visionflow.pipeline_io import step_config, write_pointer
+    from visionflow.steps.train import train as run
+
+    r = run(step_config(overrides, run_id), dataset_id=dataset.metadata["dataset_id"])
+    write_pointer(model, r.checkpoint_uri, mlflow_run_id=r.mlflow_run_id, spec=r.spec,
+                  best_val_acc=r.best_val_acc, resumed_from_step=r.resumed_from_step)  # fmt: skip
+    metrics.log_metric("best_val_acc", r.best_val_acc)
+    metrics.log_metric("global_step", r.global_step)

@@ -1,0 +1,1 @@
+"""Pipeline definitions. `make compile` writes their compiled YAML beside them."""

@@ -1,0 +1,139 @@
+"""The `visionflow` command.
+
+visionflow <step> [key=value ...]      run one step: prepare, train, evaluate, export,
+                                       quantize, register (Hydra overrides)
+visionflow pipeline run [key=value ...] the whole pipeline on this machine (kfp.local)
+visionflow pipeline compile [-o FILE]  write the compiled pipeline YAML
+visionflow list models|datamodules|transforms|callbacks [PATTERN]
+visionflow config [key=value ...]      print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from visionflow import logs
+
+STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
+EXIT_CONFIG, EXIT_FAILED = 2, 1
+
+
+def _latest_file(workdir: str) -> Path:
+    return Path(workdir) / "runs" / "LATEST"
+
+
+def _step_config(step: str, overrides: list[str]):
+    """Config for one step. Without run_id=..., prepare starts a new run and later steps
+    continue the latest one."""
+    from visionflow.core.config import load_config
+    from visionflow.core.factories import validate
+
+    given = any(o.startswith("run_id=") for o in overrides)
+    cfg = load_config(overrides)
+    validate(cfg)
+    latest = _latest_file(cfg.workdir)
+    if not given and step != "prepare":
+        if not latest.is_file():
+            raise LookupError(
+                "no run to continue: run `visionflow prepare` first or pass run_id=..."
+            )
+        cfg.run_id = latest.read_text().strip()
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    latest.write_text(cfg.run_id + "\n")
+    return cfg
+
+
+def run_step(step: str, overrides: list[str]) -> dict:
+    import dataclasses
+    import importlib
+
+    cfg = _step_config(step, overrides)
+    func = getattr(importlib.import_module(f"visionflow.steps.{step}"), step)
+    result = func(cfg)
+    out = dataclasses.asdict(result)
+    out.pop("manifest", None)  # long; it is in the store
+    return {"run_id": cfg.run_id, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="visionflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for step in STEPS:
+        p = sub.add_parser(step, help=f"run the {step} step")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+    pipe = sub.add_parser("pipeline", help="run or compile the whole pipeline")
+    pipe_sub = pipe.add_subparsers(dest="action", required=True)
+    pr = pipe_sub.add_parser("run", help="run the pipeline on this machine (kfp.local)")
+    pr.add_argument("overrides", nargs="*", metavar="key=value")
+    pc = pipe_sub.add_parser("compile", help="write the compiled pipeline YAML")
+    pc.add_argument("-o", "--output", default="pipelines/training.yaml")
+    ls = sub.add_parser("list", help="list registered names")
+    ls.add_argument("kind", choices=["models", "datamodules", "transforms", "callbacks"])
+    ls.add_argument("pattern", nargs="?", default="*")
+    cf = sub.add_parser("config", help="print the resolved config")
+    cf.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    logs.setup()
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("visionflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure ends with one clear line and a non-zero exit
+        return _fail(err)
+
+
+def _dispatch(args) -> int:
+    if args.command in STEPS:
+        print(json.dumps(run_step(args.command, args.overrides), default=str))
+    elif args.command == "pipeline" and args.action == "run":
+        from visionflow.orchestration import run_local
+
+        summary, path = run_local(args.overrides)
+        print(json.dumps(summary))
+        print(f"summary written to {path}", file=sys.stderr)
+    elif args.command == "pipeline" and args.action == "compile":
+        from visionflow.orchestration import compile_pipeline
+
+        print(f"compiled {compile_pipeline(Path(args.output))}")
+    elif args.command == "list":
+        from visionflow.core import factories, registry  # noqa: F401  (fills the registries)
+
+        reg = getattr(registry, args.kind.upper())
+        print("\n".join(reg.list(args.pattern)))
+    elif args.command == "config":
+        from omegaconf import OmegaConf
+
+        from visionflow.core.config import load_config
+
+        print(OmegaConf.to_yaml(load_config(args.overrides)), end="")
+    return 0
+
+
+def _fail(err: Exception) -> int:
+    from visionflow.core.config import ConfigError
+    from visionflow.core.registry import UnknownNameError
+
+    config_problem = isinstance(err, ConfigError | UnknownNameError)
+    known = (
+        config_problem
+        or type(err).__name__.endswith("Error")
+        and type(err).__module__.startswith("visionflow")
+        or isinstance(err, LookupError | FileNotFoundError | ValueError)
+    )
+    if not known:
+        import traceback
+
+        traceback.print_exc()
+    print(f"visionflow: error: {err}", file=sys.stderr)
+    return EXIT_CONFIG if config_problem else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

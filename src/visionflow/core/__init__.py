@@ -1,0 +1,1 @@
+"""Registry, contracts, config and factories shared by every task."""

@@ -1,0 +1,193 @@
+"""Config composition and validation.
+
+Configs are Hydra's: `configs/config.yaml` plus groups, composed with command-line overrides.
+The composed config is then merged into the typed schema below, so an unknown key or a value
+of the wrong type fails here, before any work, with the key named.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what to do."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    root: str | None = None  # imagefolder: a directory or s3://bucket/prefix
+    test_root: str | None = None
+    image_size: int = 32
+    num_samples: int = 6000  # shapes
+    num_classes: int = 5  # shapes
+    max_per_class: int | None = None  # imagefolder: subsample each class
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_bad_fraction: float = 0.05  # prepare fails when more of the source is unreadable
+    samples_per_shard: int = 2000
+    batch_size: int = 128
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_epochs: int = 6
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+
+
+@dataclass
+class OptimConfig:
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] | None = None
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TransformsConfig:
+    train: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StorageConfig:
+    root: str = ".visionflow/artifacts"
+    endpoint: str | None = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///.visionflow/mlflow.db"
+    experiment: str = "visionflow"
+
+
+@dataclass
+class EvaluateConfig:
+    min_accuracy: float = 0.9
+
+
+@dataclass
+class ExportConfig:
+    atol: float = 1e-4
+    min_top1_agreement: float = 0.999
+    max_samples: int = 2000
+
+
+@dataclass
+class QuantizeConfig:
+    max_accuracy_drop: float = 1.0
+    calibration_samples: int = 512
+    bench_repeats: int = 20
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    run_id: str | None = None
+    seed: int = 42
+    workdir: str = ".visionflow"
+
+
+def config_dir() -> Path:
+    """Where the configs are: $VISIONFLOW_CONFIG_DIR, the checkout, or the installed package."""
+    if env := os.environ.get("VISIONFLOW_CONFIG_DIR"):
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[3] / "configs"  # src/visionflow/core/config.py
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    packaged = Path(str(importlib.resources.files("visionflow"))) / "configs"
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    raise ConfigError("visionflow's configs are missing: set VISIONFLOW_CONFIG_DIR")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose the config with Hydra overrides, validate it, and resolve every interpolation.
+
+    Raises ConfigError naming the offending key.
+    """
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            raw = compose(config_name="config", overrides=list(overrides))
+        _check_missing(raw)  # before the merge: merging `???` onto a default keeps the default
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        # Steps run in other processes (KFP tasks, pods): make local paths independent of cwd.
+        cfg.workdir = str(Path(cfg.workdir).expanduser().resolve())
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_paragraph(err)) from None
+    if not cfg.run_id:
+        cfg.run_id = new_run_id()
+    return cfg
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing value for {', '.join(missing)}: set it on the command line, e.g. {missing[0]}=..."
+        )
+
+
+def _one_paragraph(err: Exception) -> str:
+    text = str(err).split("Config search path")[0]  # Hydra appends its search path: noise here
+    lines = [ln.strip().rstrip(":") for ln in text.splitlines() if ln.strip()]
+    return "invalid config: " + "; ".join(lines)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,127 @@
+"""Build the objects of a run from its config: model, transforms, datamodule, callbacks, trainer.
+
+Hydra's `_target_` is used only for library classes (optimizers, schedulers, Lightning
+callbacks); visionflow's own parts come from the registries by name.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import visionflow.callbacks  # noqa: F401  (these imports fill the registries)
+import visionflow.vision.data  # noqa: F401
+import visionflow.vision.models  # noqa: F401
+from visionflow.core.config import ConfigError
+from visionflow.core.contracts import model_params
+from visionflow.core.registry import CALLBACKS, DATAMODULES, UnknownNameError
+from visionflow.storage import ArtifactStore
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
+    builder, params = model_params(_plain(model_cfg))
+    return builder(num_classes=num_classes, **params)
+
+
+def build_transforms(cfg: DictConfig):
+    from visionflow.vision.transforms import build_transform
+
+    size = cfg.data.image_size
+    train = build_transform(_plain(cfg.transforms.train), size, "transforms.train")
+    evaluate = build_transform(_plain(cfg.transforms.eval), size, "transforms.eval")
+    return train, evaluate
+
+
+def datamodule_class(name: str):
+    try:
+        return DATAMODULES.get(name)
+    except UnknownNameError as err:
+        raise ConfigError(f"data.name: {err}") from None
+
+
+def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str):
+    train_tf, eval_tf = build_transforms(cfg)
+    return datamodule_class(cfg.data.name)(
+        store=store,
+        dataset_id=dataset_id,
+        cache_dir=Path(cfg.workdir) / "cache" / "datasets",
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def build_callbacks(callbacks_cfg: Any) -> list[pl.Callback]:
+    """Callbacks from config: `_target_` entries are instantiated, `name` entries looked up."""
+    out = []
+    for key, entry in (_plain(callbacks_cfg) or {}).items():
+        if not entry:
+            continue  # `callbacks.x: null` switches a default off
+        entry = dict(entry)
+        if "_target_" in entry:
+            try:
+                out.append(instantiate(entry))
+            except InstantiationException as err:
+                raise ConfigError(f"callbacks.{key}: {err}") from None
+            continue
+        name = entry.pop("name", None)
+        try:
+            cls = CALLBACKS.get(name)
+        except UnknownNameError as err:
+            raise ConfigError(f"callbacks.{key}: {err} (or give a Lightning `_target_`)") from None
+        try:
+            out.append(cls(**entry))
+        except TypeError as err:
+            raise ConfigError(f"callbacks.{key} ({name}): {err}") from None
+    return out
+
+
+def progress_callback() -> pl.Callback:
+    """A live bar on a terminal; plain log lines when output goes to a file or a pod log."""
+    if sys.stderr.isatty():
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        return TQDMProgressBar()
+    return CALLBACKS.get("plain_progress")()
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[pl.Callback], logger=None, plugins=None
+) -> pl.Trainer:
+    args = {k: v for k, v in _plain(cfg.trainer).items() if v is not None}
+    return pl.Trainer(
+        **args,
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        plugins=plugins,
+        default_root_dir=str(Path(cfg.workdir) / "lightning"),
+        enable_model_summary=False,
+    )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the parts a config names (model, data, transforms, callbacks) before any work.
+
+    Raises ConfigError naming the key; builds nothing heavier than the transforms.
+    """
+    model_params(_plain(cfg.model))
+    datamodule_class(cfg.data.name)
+    build_transforms(cfg)
+    for key, entry in (_plain(cfg.callbacks) or {}).items():
+        if entry and "_target_" not in entry:
+            try:
+                CALLBACKS.get(entry.get("name"))
+            except UnknownNameError as err:
+                raise ConfigError(f"callbacks.{key}: {err}") from None

@@ -1,0 +1,31 @@
+"""Logging for the CLI and components: plain timestamped lines, our steps at INFO."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+NOISY = (
+    "alembic",
+    "mlflow.store.db.utils",
+    "mlflow.tracking",
+    "urllib3",
+    "lightning.pytorch.utilities.rank_zero",
+)
+
+
+def setup() -> None:
+    logging.basicConfig(
+        level=os.environ.get("VISIONFLOW_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for name in NOISY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Library deprecation chatter buries the lines a person is looking for.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,0 +1,111 @@
+"""What the KFP components share: config from the pipeline's parameters, artifact pointers.
+
+A component body stays a few lines: build the config, call one step, describe its outputs.
+Artifacts carry a small JSON pointer (the store URI plus figures) rather than the bytes: the
+datasets and models themselves live in the artifact store (MinIO on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from visionflow import logs
+from visionflow.core.config import load_config
+
+
+def step_config(overrides: list[str], run_id: str):
+    from visionflow.core.factories import validate
+
+    logs.setup()
+    cfg = load_config([*overrides, f"run_id={run_id}"])
+    validate(cfg)
+    return cfg
+
+
+def write_pointer(artifact, uri: str, **metadata: Any) -> None:
+    """Point a KFP artifact at `uri`; figures go to its metadata for the UI and later steps."""
+    artifact.metadata["uri"] = uri
+    artifact.metadata.update(metadata)
+    with open(artifact.path, "w") as f:
+        json.dump({"uri": uri, **metadata}, f, indent=2, default=str)
+
+
+def uri_of(artifact) -> str:
+    return artifact.metadata.get("uri") or json.load(open(artifact.path))["uri"]
+
+
+# Pipeline parameter -> Hydra override. A parameter left at its "unset" value (empty, 0, or
+# negative) keeps what the config says, so experiments and `overrides` are not overridden by
+# the pipeline's own defaults.
+_KNOBS = {
+    "data": "data={}",
+    "data_root": "data.root={}",
+    "data_test_root": "data.test_root={}",
+    "model": "model={}",
+    "max_epochs": "trainer.max_epochs={}",
+    "batch_size": "data.batch_size={}",
+    "learning_rate": "optim.optimizer.lr={}",
+    "min_accuracy": "evaluate.min_accuracy={}",
+    "max_int8_drop": "quantize.max_accuracy_drop={}",
+    "registered_model_name": "register.model_name={}",
+}
+
+
+def configure_overrides(
+    knobs: dict[str, Any], overrides: list[str], run_id: str
+) -> tuple[list[str], str]:
+    """Overrides for the pipeline's parameters, then the user's own, and the run id to use."""
+    out = []
+    for name, value in knobs.items():
+        if isinstance(value, str):
+            unset = value == ""
+        elif name == "min_accuracy":  # 0 is a meaningful gate (no gate)
+            unset = value < 0
+        else:
+            unset = value <= 0
+        if not unset:
+            out.append(_KNOBS[name].format(value))
+    from visionflow.core.config import new_run_id
+
+    return out + [str(o) for o in overrides], run_id or new_run_id()
+
+
+def prepare_report(manifest: dict[str, Any]) -> str:
+    lines = [f"# Dataset {manifest['id']}", "", f"Source: `{manifest['source']}`", "",
+             "| split | images | shards |", "|---|---|---|"]  # fmt: skip
+    for split, info in manifest["splits"].items():
+        lines.append(f"| {split} | {info['count']} | {len(info['shards'])} |")
+    bad = manifest["bad_files"]
+    lines += [
+        "",
+        f"Classes ({len(manifest['classes'])}): {', '.join(manifest['classes'][:50])}",
+        "",
+    ]
+    lines.append(f"**{len(bad)} unusable files skipped**" + (":" if bad else "."))
+    lines += [f"- `{b['source']}`: {b['reason']}" for b in bad[:100]]
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_html(cfg, result) -> str:
+    """The confusion matrix picture (inline) and the per-class table, for the Kubeflow UI."""
+    import base64
+    import html
+
+    from visionflow.storage import split_uri
+
+    store, key = split_uri(result.confusion_png, cfg.storage.endpoint)
+    png = base64.b64encode(store.get_bytes(key)).decode()
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+        f"<td>{m['f1']:.3f}</td><td>{int(m['support'])}</td></tr>"
+        for c, m in result.per_class.items()
+    )
+    verdict = "passed" if result.gate_passed else "FAILED"
+    return (
+        f"<html><body><h2>Test accuracy {result.test_accuracy:.4f}</h2>"
+        f"<p>Quality gate (&ge; {result.min_accuracy}): <b>{verdict}</b></p>"
+        f'<img src="data:image/png;base64,{png}"/>'
+        "<table border=1><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+        f"{rows}</table></body></html>"
+    )

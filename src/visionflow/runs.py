@@ -1,0 +1,73 @@
+"""A run's record in the artifact store: each step's result under `runs/<run_id>/<step>.json`.
+
+The record lets CLI steps find what earlier steps made (`visionflow train run_id=X` finds X's
+dataset), lets any process build the run's summary, and survives pods and machines because it
+lives beside the artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from visionflow.storage import ArtifactStore
+
+STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
+
+
+def _key(run_id: str, step: str) -> str:
+    return f"runs/{run_id}/{step}.json"
+
+
+def save_step(store: ArtifactStore, run_id: str, step: str, result: Any) -> dict[str, Any]:
+    record = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+    store.put_bytes(json.dumps(record, indent=2, default=str).encode(), _key(run_id, step))
+    return record
+
+
+def load_step(store: ArtifactStore, run_id: str, step: str) -> dict[str, Any]:
+    if not store.exists(_key(run_id, step)):
+        raise LookupError(
+            f"run {run_id} has no {step} result in {store.root}: run `visionflow {step} run_id={run_id}` first"
+        )
+    return json.loads(store.get_bytes(_key(run_id, step)))
+
+
+def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """The one-line summary of a finished run (see DESIGN.md, "Interfaces users rely on")."""
+    r = {step: load_step(store, run_id, step) for step in STEPS}
+    return {
+        "tracking_uri": tracking_uri,
+        "run_id": r["train"]["mlflow_run_id"],
+        "visionflow_run_id": run_id,
+        "model_name": r["register"]["model_name"],
+        "model_version": r["register"]["model_version"],
+        "champion": r["register"]["champion"],
+        "champion_version": r["register"]["champion_version"],
+        "champion_reason": r["register"]["reason"],
+        "gate_passed": r["evaluate"]["gate_passed"],
+        "test_accuracy": r["evaluate"]["test_accuracy"],
+        "onnx_max_abs_diff": r["export"]["onnx"]["max_abs_diff"],
+        "torchscript_max_abs_diff": r["export"]["torchscript"]["max_abs_diff"],
+        "int8_accuracy_drop": r["quantize"]["accuracy_drop"],
+        "int8_speedup_b1": r["quantize"]["speedup_b1"],
+        "int8_speedup_b64": r["quantize"]["speedup_b64"],
+        "dataset_id": r["prepare"]["dataset_id"],
+        "artifacts": {
+            "dataset": r["prepare"]["uri"],
+            "checkpoint": r["train"]["checkpoint_uri"],
+            "onnx": r["export"]["onnx_uri"],
+            "torchscript": r["export"]["torchscript_uri"],
+            "onnx_int8": r["quantize"]["int8_uri"],
+            "confusion_matrix": r["evaluate"]["confusion_png"],
+            "registered_model": r["register"]["model_uri"],
+        },
+    }
+
+
+def write_summary(summary_dict: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary_dict) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Serving from the registry: registered versions are MLflow pyfunc models over ONNX Runtime."""

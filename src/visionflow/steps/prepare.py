@@ -1,0 +1,197 @@
+"""prepare: raw images → validated, split, sharded dataset with a manifest, in the artifact store."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from visionflow.core.factories import datamodule_class
+from visionflow.runs import save_step
+from visionflow.storage import open_store, sha256_file
+from visionflow.vision.data.datamodules import RawSample
+from visionflow.vision.data.shards import IMAGE_EXTS, MANIFEST, SPLITS, dataset_prefix, manifest_id
+
+log = logging.getLogger("visionflow.prepare")
+
+
+class PrepareError(RuntimeError):
+    """The source cannot make a usable dataset (too many bad files, no samples, ...)."""
+
+
+@dataclass
+class PrepareResult:
+    dataset_id: str
+    uri: str  # the dataset's prefix in the artifact store
+    manifest: dict[str, Any]
+    reused: bool  # the same dataset was already in the store
+
+
+def prepare(cfg) -> PrepareResult:
+    """Read, validate, split and shard `cfg.data`; write shards then the manifest."""
+    store = open_store(cfg.storage.root, cfg.storage.endpoint)
+    data = cfg.data
+    classes, samples = datamodule_class(data.name).raw_samples(data, cfg.seed)
+    samples = list(samples)
+    if not samples:
+        raise PrepareError(f"no samples in {data.root or data.name}")
+    splits = assign_splits(samples, data.val_fraction, data.test_fraction, cfg.seed)
+
+    with tempfile.TemporaryDirectory(prefix="visionflow-prepare-") as tmp:
+        shards, counts, bad = _write_shards(samples, splits, Path(tmp), data.samples_per_shard)
+        share = len(bad) / len(samples)
+        if share > data.max_bad_fraction:
+            shown = "; ".join(f"{b['source']}: {b['reason']}" for b in bad[:5])
+            raise PrepareError(
+                f"{len(bad)} of {len(samples)} files ({share:.1%}) are unusable, more than "
+                f"data.max_bad_fraction={data.max_bad_fraction:.1%}. First ones: {shown}"
+            )
+        for split in SPLITS:
+            if not counts[split]:
+                raise PrepareError(
+                    f"the {split} split is empty ({len(samples)} samples): "
+                    "add data or change data.val_fraction / data.test_fraction"
+                )
+        manifest = {
+            "format": "webdataset",
+            "version": 1,
+            "task_labels": ["classification"]
+            + (["boxes", "masks"] if data.name == "shapes" else []),
+            "source": data.root or f"{data.name}:seed={cfg.seed}",
+            "test_source": data.test_root,
+            "seed": cfg.seed,
+            "image_size": data.image_size,
+            "classes": list(classes),
+            "splits": {
+                split: {
+                    "count": sum(counts[split].values()),
+                    "per_class": {classes[k]: v for k, v in sorted(counts[split].items())},
+                    "shards": shards[split],
+                }
+                for split in SPLITS
+            },
+            "bad_files": bad,
+        }
+        manifest["id"] = dataset_id = manifest_id(manifest)
+        manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        prefix = dataset_prefix(dataset_id)
+        reused = store.exists(f"{prefix}/{MANIFEST}")
+        if reused:
+            log.info("dataset %s is already in %s; reusing it", dataset_id, store.root)
+            manifest = json.loads(store.get_bytes(f"{prefix}/{MANIFEST}"))
+        else:
+            for split in SPLITS:
+                for shard in shards[split]:
+                    store.put_file(Path(tmp) / shard["name"], f"{prefix}/{shard['name']}")
+            # The manifest goes last: a dataset without one is incomplete and never read.
+            store.put_bytes(json.dumps(manifest, indent=2).encode(), f"{prefix}/{MANIFEST}")
+    manifest["uri"] = store.uri(prefix)
+    log.info(
+        "dataset %s: %s; %d bad files skipped",
+        dataset_id,
+        ", ".join(f"{s}={manifest['splits'][s]['count']}" for s in SPLITS),
+        len(bad),
+    )
+    result = PrepareResult(dataset_id, store.uri(prefix), manifest, reused)
+    save_step(store, cfg.run_id, "prepare", result)
+    return result
+
+
+def assign_splits(
+    samples: list[RawSample], val_fraction: float, test_fraction: float, seed: int
+) -> list[str]:
+    """A stratified train/val/test split by label, fixed by seed.
+
+    Samples with a fixed split (from data.test_root) keep it; the rest of each class is cut
+    into val and test shares, then train. Samples without a label get 'train' (and are
+    rejected later as bad).
+    """
+    out = [s.split or "train" for s in samples]
+    carve_test = not any(s.split == "test" for s in samples)
+    by_label: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.split is None and s.label is not None:
+            by_label.setdefault(s.label, []).append(i)
+    rng = np.random.default_rng(seed)
+    for label in sorted(by_label):
+        idx = by_label[label]
+        order = [idx[j] for j in rng.permutation(len(idx))]
+        n_val = round(len(idx) * val_fraction)
+        n_test = round(len(idx) * test_fraction) if carve_test else 0
+        for i in order[:n_val]:
+            out[i] = "val"
+        for i in order[n_val : n_val + n_test]:
+            out[i] = "test"
+    return out
+
+
+def _validate(sample: RawSample) -> tuple[bytes, str]:
+    """The sample's bytes and extension, or ValueError saying why it is unusable."""
+    if sample.label is None:
+        raise ValueError("no class: not inside a class folder, or a class the training data lacks")
+    try:
+        raw = sample.read()
+    except Exception as err:  # unreadable source object: report it, don't stop
+        raise ValueError(f"unreadable: {err}") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()  # decodes everything: truncated files fail here
+            if sample.ext in IMAGE_EXTS:
+                return raw, sample.ext
+            buf = io.BytesIO()  # a format PIL reads but the shards don't carry: store as PNG
+            im.convert("RGB").save(buf, format="PNG")
+            return buf.getvalue(), "png"
+    except Exception as err:
+        raise ValueError(f"not a decodable image ({type(err).__name__}: {err})") from None
+
+
+def _write_shards(samples, splits, tmp: Path, per_shard: int):
+    writers = {
+        split: wds.ShardWriter(
+            str(tmp / f"{split}-%05d.tar"), maxcount=per_shard, verbose=0, mtime=0
+        )
+        for split in SPLITS
+    }
+    counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    bad: list[dict[str, str]] = []
+    started = time.monotonic()
+    try:
+        for i, (sample, split) in enumerate(zip(samples, splits, strict=True)):
+            try:
+                data, ext = _validate(sample)
+            except ValueError as err:
+                bad.append({"source": sample.source, "reason": str(err)})
+                continue
+            record = {"__key__": f"{i:08d}", ext: data, "cls": str(sample.label).encode()}
+            for field, value in sample.extra.items():
+                record[field] = value if isinstance(value, bytes) else json.dumps(value).encode()
+            writers[split].write(record)
+            counts[split][sample.label] += 1
+            if (i + 1) % 5000 == 0:
+                log.info(
+                    "prepare: %d/%d samples read, %d bad (%.0fs)",
+                    i + 1,
+                    len(samples),
+                    len(bad),
+                    time.monotonic() - started,
+                )
+    finally:
+        for w in writers.values():
+            w.close()
+    shards = {split: [] for split in SPLITS}
+    for path in sorted(tmp.glob("*.tar")):
+        split = path.name.split("-")[0]
+        shards[split].append(
+            {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        )
+    return shards, counts, bad

@@ -1,0 +1,161 @@
+"""train: Lightning training from prepare's shards, with checkpoints in the artifact store.
+
+Checkpoints (`last.ckpt` every epoch, `best.ckpt` by validation accuracy) are written locally
+and copied to `checkpoints/<run_id>/` in the store as soon as they are saved. Rerunning with the
+same run id downloads `last.ckpt` and continues from its step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from visionflow import tracking
+from visionflow.core.config import flatten, to_container
+from visionflow.core.contracts import check_classifier, check_datamodule
+from visionflow.core.factories import (
+    build_callbacks,
+    build_datamodule,
+    build_model,
+    build_trainer,
+    progress_callback,
+)
+from visionflow.runs import load_step, save_step
+from visionflow.storage import ArtifactStore, open_store
+from visionflow.vision.modules import ClassificationModule
+
+log = logging.getLogger("visionflow.train")
+
+
+@dataclass
+class TrainResult:
+    checkpoint_uri: str  # best checkpoint in the artifact store
+    last_checkpoint_uri: str
+    best_val_acc: float
+    global_step: int
+    epochs: int
+    resumed_from_step: int | None
+    mlflow_run_id: str
+    spec: dict[str, Any]
+
+
+def checkpoint_prefix(run_id: str) -> str:
+    return f"checkpoints/{run_id}"
+
+
+class StoreCheckpointIO(TorchCheckpointIO):
+    """Saves checkpoints locally as usual, then copies each one to the artifact store."""
+
+    def __init__(self, store: ArtifactStore, prefix: str) -> None:
+        super().__init__()
+        self.store, self.prefix = store, prefix
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        self.store.put_file(Path(path), f"{self.prefix}/{Path(path).name}")
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        self.store.delete(f"{self.prefix}/{Path(path).name}")
+
+
+def train(cfg, dataset_id: str | None = None) -> TrainResult:
+    """Train on the dataset (default: the one this run prepared); resume if the run has a checkpoint."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    store = open_store(cfg.storage.root, cfg.storage.endpoint)
+    dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
+    dm = build_datamodule(cfg, store, dataset_id)
+    check_datamodule(dm, "classification")
+    net = build_model(cfg.model, num_classes=len(dm.classes))
+    check_classifier(net, len(dm.classes), dm.image_size)
+    spec = {
+        "task": "classification",
+        "model": to_container(cfg.model),
+        "classes": dm.classes,
+        "image_size": dm.image_size,
+        "dataset_id": dataset_id,
+        "run_id": cfg.run_id,
+    }
+    module = ClassificationModule(net, spec, to_container(cfg.optim))
+
+    prefix = checkpoint_prefix(cfg.run_id)
+    local_dir = Path(cfg.workdir) / "runs" / cfg.run_id / "checkpoints"
+    resume_from = _download_checkpoints(store, prefix, local_dir)
+    resumed_step = None
+    if resume_from is not None:
+        resumed_step = int(
+            torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]
+        )
+        log.info(
+            "resuming run %s from %s at step %d",
+            cfg.run_id,
+            store.uri(f"{prefix}/last.ckpt"),
+            resumed_step,
+        )
+
+    mlflow_run_id = tracking.run_for(cfg)
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=mlflow_run_id, log_model=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=local_dir,
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    callbacks = [checkpoint, progress_callback(), *build_callbacks(cfg.callbacks)]
+    trainer = build_trainer(cfg, callbacks, logger, plugins=[StoreCheckpointIO(store, prefix)])
+    if trainer.is_global_zero:
+        _log_run_info(logger, cfg)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+
+    best = checkpoint.best_model_score
+    result = TrainResult(
+        checkpoint_uri=store.uri(f"{prefix}/best.ckpt"),
+        last_checkpoint_uri=store.uri(f"{prefix}/last.ckpt"),
+        best_val_acc=float(best) if best is not None else float("nan"),
+        global_step=trainer.global_step,
+        epochs=trainer.current_epoch,
+        resumed_from_step=resumed_step,
+        mlflow_run_id=mlflow_run_id,
+        spec=spec,
+    )
+    if trainer.is_global_zero:
+        save_step(store, cfg.run_id, "train", result)
+    log.info(
+        "trained: best val/acc %.4f at %s (step %d)",
+        result.best_val_acc,
+        result.checkpoint_uri,
+        result.global_step,
+    )
+    return result
+
+
+def _download_checkpoints(store: ArtifactStore, prefix: str, local_dir: Path) -> Path | None:
+    """Fetch last.ckpt (and best.ckpt, which resuming refers to) if this run saved them."""
+    if not store.exists(f"{prefix}/last.ckpt"):
+        return None
+    for name in ("best.ckpt", "last.ckpt"):
+        if store.exists(f"{prefix}/{name}"):
+            store.get_file(f"{prefix}/{name}", local_dir / name)
+    return local_dir / "last.ckpt"
+
+
+def _log_run_info(logger, cfg) -> None:
+    resolved = to_container(cfg)
+    client, run_id = logger.experiment, logger.run_id
+    params = {k: str(v)[:500] for k, v in flatten(resolved).items() if k != "run_id"}
+    existing = client.get_run(run_id).data.params
+    logger.log_hyperparams({k: v for k, v in params.items() if k not in existing})
+    client.log_dict(run_id, resolved, "config/resolved.yaml")
+    client.log_dict(run_id, tracking.system_info(), "system/info.json")

@@ -1,0 +1,1 @@
+"""Vision tasks: models, datasets, transforms and the Lightning modules that train them."""

@@ -1,0 +1,195 @@
+"""DataModules: where raw samples come from (for `prepare`) and how shards are loaded (for training).
+
+Every dataset is read from prepare's shards, so a DataModule subclass only says how to list its
+raw samples (`raw_samples`); loading, splitting into loaders and caching are shared.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from visionflow.core.registry import DATAMODULES
+from visionflow.storage import ArtifactStore, split_uri
+from visionflow.vision.data.shapes import SHAPE_CLASSES, make_shape
+from visionflow.vision.data.shards import IMAGE_EXTS, ShardDataset, fetch_shards, load_manifest
+
+
+@dataclass
+class RawSample:
+    """One sample before validation: `read()` gives the encoded image bytes."""
+
+    source: str  # where it came from, for reports and lineage
+    label: int | None  # None: no usable label (reported as bad)
+    read: Callable[[], bytes]
+    ext: str
+    split: str | None = None  # fixed split ("test" for data.test_root), else None
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields for the shard
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Loads a prepared dataset (manifest + shards) from the artifact store."""
+
+    tasks: tuple[str, ...] = ("classification",)
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        dataset_id: str,
+        cache_dir: Path,
+        train_transform=None,
+        eval_transform=None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.store, self.dataset_id, self.cache_dir = store, dataset_id, Path(cache_dir)
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.manifest = load_manifest(store, dataset_id)
+        self.classes: list[str] = self.manifest["classes"]
+        self.image_size: int = self.manifest["image_size"]
+        self.datasets: dict[str, ShardDataset] = {}
+
+    @classmethod
+    def raw_samples(cls, data_cfg, seed: int) -> tuple[list[str], Iterator[RawSample]]:
+        """Class names and the raw samples of the source, for `prepare`."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        for split in ("train", "val", "test"):
+            fetch_shards(self.store, self.manifest, split, self.cache_dir)
+
+    def dataset(self, split: str) -> ShardDataset:
+        if split not in self.datasets:
+            paths = fetch_shards(self.store, self.manifest, split, self.cache_dir)
+            tf = self.train_transform if split == "train" else self.eval_transform
+            self.datasets[split] = ShardDataset(paths, tf)
+        return self.datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+@DATAMODULES.register("shapes")
+class ShapesDataModule(ShardDataModule):
+    """Generated shapes (see `shapes.py`); labels, boxes and masks for all three tasks."""
+
+    tasks = ("classification", "detection", "segmentation")
+
+    @classmethod
+    def raw_samples(cls, data_cfg, seed: int) -> tuple[list[str], Iterator[RawSample]]:
+        n_classes, size = data_cfg.num_classes, data_cfg.image_size
+
+        def gen() -> Iterator[RawSample]:
+            for i in range(data_cfg.num_samples):
+                s = make_shape(seed, i, size, n_classes)
+                yield RawSample(
+                    source=f"shapes:{seed}:{i}",
+                    label=s.label,
+                    read=lambda s=s: _png(s.image),
+                    ext="png",
+                    extra={"json": {"box": list(s.box)}, "mask.png": _png(s.mask)},
+                )
+
+        return list(SHAPE_CLASSES[:n_classes]), gen()
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@DATAMODULES.register("imagefolder")
+class ImageFolderDataModule(ShardDataModule):
+    """An ImageNet-style tree `root/<class>/<image>`, local or `s3://bucket/prefix`."""
+
+    @classmethod
+    def raw_samples(cls, data_cfg, seed: int) -> tuple[list[str], Iterator[RawSample]]:
+        store, base = split_uri(data_cfg.root)
+        files = _tree(store, base, data_cfg.root)
+        classes = sorted({c for c, _ in files if c is not None})
+        if not classes:
+            raise ValueError(
+                f"no class folders under {data_cfg.root}: expected root/<class>/<image> "
+                "(an ImageNet-style ImageFolder tree)"
+            )
+        parts = [(None, store, _subsample(files, data_cfg.max_per_class, seed))]
+        if data_cfg.test_root:
+            test_store, test_base = split_uri(data_cfg.test_root)
+            parts.append(("test", test_store, _tree(test_store, test_base, data_cfg.test_root)))
+
+        def gen() -> Iterator[RawSample]:
+            for split, st, items in parts:
+                for cls_name, key in items:
+                    yield RawSample(
+                        source=st.uri(key),
+                        label=classes.index(cls_name) if cls_name in classes else None,
+                        read=lambda st=st, key=key: st.get_bytes(key),
+                        ext=_ext(key),
+                        split=split,
+                    )
+
+        return classes, gen()
+
+
+def _ext(key: str) -> str:
+    ext = key.rsplit(".", 1)[-1].lower() if "." in key else ""
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _tree(store: ArtifactStore, base: str, shown: str) -> list[tuple[str | None, str]]:
+    """(class or None, key) for every file under base; files outside a class folder get None."""
+    keys = store.list(base)
+    if not keys:
+        raise FileNotFoundError(f"no files under {shown}")
+    out = []
+    for key in keys:
+        rel = key[len(base) :].strip("/").split("/")
+        if rel[-1].startswith("."):
+            continue  # hidden files (.DS_Store, editor droppings) are not samples
+        out.append((rel[0] if len(rel) == 2 else None, key))
+    return out
+
+
+def _subsample(files, max_per_class: int | None, seed: int):
+    if not max_per_class:
+        return files
+    rng = np.random.default_rng(seed)
+    by_class: dict[str | None, list] = {}
+    for item in files:
+        by_class.setdefault(item[0], []).append(item)
+    out = []
+    for items in by_class.values():
+        keep = rng.permutation(len(items))[:max_per_class]
+        out.extend(items[i] for i in sorted(keep))
+    return out
+
+
+__all__ = ["IMAGE_EXTS", "RawSample", "ShardDataModule"]

@@ -1,0 +1,98 @@
+"""Classification networks.
+
+Every builder takes `num_classes` plus its own keyword options and returns a plain `nn.Module`
+mapping float images in [0, 1] (N, 3, H, W) to logits. Input normalisation lives inside the
+network (`Normalized`), so exported ONNX/TorchScript files take raw [0, 1] pixels and a server
+needs no preprocessing constants beyond the image size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from visionflow.core.registry import MODELS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalized(nn.Module):
+    """Standardises the input with fixed per-channel statistics, then runs `net`."""
+
+    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class SimpleCNN(nn.Module):
+    """Three VGG-style stages of two 3x3 convolutions, then global pooling and a linear head.
+
+    Small enough to train on a laptop CPU in a minute, big enough for int8 to pay off.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(3, w), _conv_bn(w, w), nn.MaxPool2d(2),
+            _conv_bn(w, 2 * w), _conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+            _conv_bn(2 * w, 4 * w), _conv_bn(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * w, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@MODELS.register("simple_cnn")
+def simple_cnn(num_classes: int, width: int = 32, dropout: float = 0.0) -> nn.Module:
+    return Normalized(SimpleCNN(num_classes, width=width, dropout=dropout))
+
+
+def _torchvision(name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    if pretrained:
+        # Weights download on first use: never in tests, and only when the user asks.
+        net = torchvision.models.get_model(name, weights="DEFAULT")
+        _reset_classifier(net, num_classes)
+    else:
+        net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return Normalized(net)
+
+
+def _reset_classifier(net: nn.Module, num_classes: int) -> None:
+    if isinstance(getattr(net, "fc", None), nn.Linear):
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+    elif isinstance(getattr(net, "classifier", None), nn.Sequential):
+        last = net.classifier[-1]
+        net.classifier[-1] = nn.Linear(last.in_features, num_classes)
+    else:
+        raise ValueError(f"don't know where the classifier of {type(net).__name__} is")
+
+
+@MODELS.register("resnet18")
+def resnet18(num_classes: int, pretrained: bool = False) -> nn.Module:
+    return _torchvision("resnet18", num_classes, pretrained)
+
+
+@MODELS.register("resnet50")
+def resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
+    return _torchvision("resnet50", num_classes, pretrained)
+
+
+@MODELS.register("mobilenet_v3_small")
+def mobilenet_v3_small(num_classes: int, pretrained: bool = False) -> nn.Module:
+    return _torchvision("mobilenet_v3_small", num_classes, pretrained)

@@ -1,0 +1,44 @@
+"""Shared fixtures. Every test works under its own temporary workdir (artifacts, MLflow db)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from visionflow import logs
+
+# Keep the machine's own settings out of the tests.
+for var in ("VISIONFLOW_HOME", "VISIONFLOW_CONFIG_DIR", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
+    os.environ.pop(var, None)
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+logs.setup()
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["experiment=shapes_tiny"]
+
+
+def tiny_overrides(workdir: Path, *more: str) -> list[str]:
+    """A run that takes seconds: 600 shapes, a narrow CNN, one epoch."""
+    return [*TINY, f"workdir={workdir}", *more]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """All six steps of one tiny run, in process; returns (cfg, {step: result})."""
+    from visionflow.core.config import load_config
+    from visionflow.steps.evaluate import evaluate
+    from visionflow.steps.export import export
+    from visionflow.steps.prepare import prepare
+    from visionflow.steps.quantize import quantize
+    from visionflow.steps.register import register
+    from visionflow.steps.train import train
+
+    workdir = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(tiny_overrides(workdir, "run_id=tiny-1", "trainer.max_epochs=2"))
+    results = {}
+    for name, step in (("prepare", prepare), ("train", train), ("evaluate", evaluate),
+                       ("export", export), ("quantize", quantize), ("register", register)):  # fmt: skip
+        results[name] = step(cfg)
+    return cfg, results
