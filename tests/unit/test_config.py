@@ -46,9 +46,16 @@ def test_bad_overrides_fail_naming_the_key(override, named):
     assert named in str(err.value)
 
 
-def test_missing_mandatory_value_is_named():
-    with pytest.raises(ConfigError, match=r"missing value for data.root"):
-        load_config(["data=imagefolder"])
+def test_every_schema_key_can_be_overridden(tmp_path):
+    cfg = load_config([f"workdir={tmp_path}", "data.max_bad_fraction=0.2", "data.num_workers=2"])
+    assert cfg.data.max_bad_fraction == 0.2 and cfg.data.num_workers == 2
+
+
+def test_a_missing_required_value_is_named():
+    from visionflow.core.factories import validate
+
+    with pytest.raises(ConfigError, match=r"data=imagefolder needs data.root"):
+        validate(load_config(["data=imagefolder"]))
 
 
 def test_configs_are_found_from_an_installed_copy(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Config composition and validation.
 
-Configs are Hydra's: `configs/config.yaml` plus groups, composed with command-line overrides.
-The composed config is then merged into the typed schema below, so an unknown key or a value
-of the wrong type fails here, before any work, with the key named.
+Configs are Hydra's: `configs/config.yaml` plus groups, composed with command-line overrides
+on top of the typed schema below, so an unknown key or a value of the wrong type fails here,
+before any work, with the key named.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -143,16 +144,21 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
+SCHEMA = "visionflow_schema"  # the first entry of config.yaml's defaults list
+ConfigStore.instance().store(name=SCHEMA, node=Config)
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the config with Hydra overrides, validate it, and resolve every interpolation.
 
-    Raises ConfigError naming the offending key.
+    The typed schema is the base of the composition, so every key it defines can be overridden
+    and Hydra itself rejects unknown keys and wrong types. Raises ConfigError naming the key.
     """
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            raw = compose(config_name="config", overrides=list(overrides))
-        _check_missing(raw)  # before the merge: merging `???` onto a default keeps the default
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+            cfg = compose(config_name="config", overrides=list(overrides))
+        # Again against the schema: `+key=value` adds keys that composition lets through.
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
         # Steps run in other processes (KFP tasks, pods): make local paths independent of cwd.
         cfg.workdir = str(Path(cfg.workdir).expanduser().resolve())
         OmegaConf.resolve(cfg)
@@ -163,16 +169,11 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     return cfg
 
 
-def _check_missing(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(
-            f"missing value for {', '.join(missing)}: set it on the command line, e.g. {missing[0]}=..."
-        )
-
-
 def _one_paragraph(err: Exception) -> str:
-    text = str(err).split("Config search path")[0]  # Hydra appends its search path: noise here
+    text = str(err)
+    if err.__cause__ is not None:  # Hydra wraps the message that names the key and value
+        text += "\n" + str(err.__cause__)
+    text = text.split("Config search path")[0]  # Hydra appends its search path: noise here
     lines = [ln.strip().rstrip(":") for ln in text.splitlines() if ln.strip()]
     return "invalid config: " + "; ".join(lines)
 

@@ -117,7 +117,9 @@ def validate(cfg: DictConfig) -> None:
     Raises ConfigError naming the key; builds nothing heavier than the transforms.
     """
     model_params(_plain(cfg.model))
-    datamodule_class(cfg.data.name)
+    for key in datamodule_class(cfg.data.name).required:
+        if cfg.data.get(key) in (None, ""):
+            raise ConfigError(f"data={cfg.data.name} needs data.{key}: set it, e.g. data.{key}=...")
     build_transforms(cfg)
     for key, entry in (_plain(cfg.callbacks) or {}).items():
         if entry and "_target_" not in entry:

@@ -39,6 +39,7 @@ class ShardDataModule(pl.LightningDataModule):
     """Loads a prepared dataset (manifest + shards) from the artifact store."""
 
     tasks: tuple[str, ...] = ("classification",)
+    required: tuple[str, ...] = ()  # data.* keys this dataset cannot do without
 
     def __init__(
         self,
@@ -129,6 +130,8 @@ def _png(image) -> bytes:
 @DATAMODULES.register("imagefolder")
 class ImageFolderDataModule(ShardDataModule):
     """An ImageNet-style tree `root/<class>/<image>`, local or `s3://bucket/prefix`."""
+
+    required = ("root",)
 
     @classmethod
     def raw_samples(cls, data_cfg, seed: int) -> tuple[list[str], Iterator[RawSample]]:
