@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     import logging
+    import warnings
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")  # Lightning's advice about the loop we chose to run
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_config([f"model={args.model}"])
     optim_cfg = to_container(cfg.optim)

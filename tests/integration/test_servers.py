@@ -48,3 +48,37 @@ def test_pipeline_stores_everything_in_s3_and_mlflow(tmp_path, s3_server, mlflow
 
     # No credential in anything the run printed.
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
+
+
+def test_imagefolder_from_s3_prefix(tmp_path, s3_server):
+    from tests.integration.conftest import BUCKET
+    from tests.unit.test_imagefolder import make_tree
+
+    make_tree(tmp_path / "tree", per_class=8)
+    client = s3_server.client()
+    for path in sorted((tmp_path / "tree").rglob("*.jpg")):
+        client.fput_object(BUCKET, f"raw/pets/{path.relative_to(tmp_path / 'tree')}", str(path))
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server.endpoint}
+    proc = visionflow(
+        "prepare",
+        f"workdir={tmp_path}",
+        "data=imagefolder",
+        f"data.root=s3://{BUCKET}/raw/pets",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["uri"].startswith(
+        str(tmp_path)
+    )  # the dataset goes to the configured (local) store
+    manifest = json.loads(
+        (tmp_path / "artifacts" / "datasets" / result["dataset_id"] / "manifest.json").read_text()
+    )
+    assert (
+        manifest["classes"] == ["cat", "dog", "eel"]
+        and manifest["source"] == f"s3://{BUCKET}/raw/pets"
+    )
+    assert (
+        sum(manifest["splits"][s]["count"] for s in manifest["splits"]) == 24
+        and not manifest["bad_files"]
+    )

@@ -28,8 +28,10 @@ class PlainProgress(ProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
-    def _metrics(self, trainer) -> str:
+    def _metrics(self, trainer, only_step: bool = False) -> str:
         items = sorted(self.get_metrics(trainer, trainer.lightning_module).items())
+        if only_step:  # mid-epoch, the epoch-level values are last epoch's: leave them out
+            items = [(k, v) for k, v in items if k.endswith("_step")]
         return " ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in items if k != "v_num"
         )
@@ -45,7 +47,7 @@ class PlainProgress(ProgressBar):
                 trainer.current_epoch + 1,
                 batch_idx + 1,
                 total,
-                self._metrics(trainer),
+                self._metrics(trainer, only_step=True),
             )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

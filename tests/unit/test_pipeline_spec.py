@@ -1,0 +1,56 @@
+"""The compiled pipeline: parameters a Kubeflow UI rerun can change, images, no secrets."""
+
+import yaml
+
+from components import IMAGE, TRAIN_IMAGE
+from visionflow import __version__
+from visionflow.orchestration import compile_pipeline
+from visionflow.pipeline_io import configure_overrides
+
+KNOBS = {"data", "data_root", "data_test_root", "model", "max_epochs", "batch_size", "learning_rate",
+         "min_accuracy", "max_int8_drop", "registered_model_name", "overrides", "run_id"}  # fmt: skip
+
+
+def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "compile-time-secret-value")
+    text = compile_pipeline(tmp_path / "training.yaml").read_text()
+    spec = yaml.safe_load(text)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == KNOBS
+    assert (
+        params["overrides"]["parameterType"] == "LIST" and params["overrides"]["defaultValue"] == []
+    )
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {IMAGE, TRAIN_IMAGE} and all(i.endswith(f":{__version__}") for i in images)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {
+        "configure",
+        "prepare",
+        "train",
+        "evaluate",
+        "export",
+        "quantize",
+        "register",
+    }
+    assert "compile-time-secret-value" not in text and "AWS_SECRET_ACCESS_KEY" not in text
+
+
+def test_components_only_call_into_the_package(tmp_path):
+    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        body = executor["container"]["command"][-1]
+        assert "from visionflow" in body, name
+        assert "pip install" not in " ".join(executor["container"]["command"]), name
+
+
+def test_unset_parameters_keep_the_config_and_overrides_come_last():
+    knobs = dict(data="imagefolder", data_root="/d", data_test_root="", model="", max_epochs=0,
+                 batch_size=64, learning_rate=0.0, min_accuracy=0.0, max_int8_drop=-1.0,
+                 registered_model_name="")  # fmt: skip
+    overrides, run_id = configure_overrides(knobs, ["trainer.max_epochs=2"], "job-7")
+    assert overrides == ["data=imagefolder", "data.root=/d", "data.batch_size=64", "evaluate.min_accuracy=0.0",
+                         "trainer.max_epochs=2"]  # fmt: skip
+    assert run_id == "job-7"
+    assert configure_overrides({k: v for k, v in knobs.items() if k != "data"}, [], "")[
+        1
+    ]  # a fresh id
