@@ -19,14 +19,24 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP) ## create or refresh the virtualenv (.venv) from requirements.lock
 
-test: $(STAMP) ## run the test suite (unit + integration with real servers on 127.0.0.1)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(CHECKOV_VENV)/bin/checkov ## run the test suite (unit + integration with real servers on 127.0.0.1)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-pipeline-run: $(STAMP) ## run the whole pipeline on this machine; ARGS='key=value ...' overrides
+pipeline-run: $(STAMP) ## run the whole pipeline here; KFP_HOST=URL submits it to Kubeflow; ARGS='key=value ...'
+ifdef KFP_HOST
+	$(VENV)/bin/visionflow pipeline submit --host $(KFP_HOST) $(SUBMIT_FLAGS) $(ARGS)
+else
 	$(VENV)/bin/visionflow pipeline run $(ARGS)
+endif
 
-compile: $(STAMP) ## write the compiled pipeline to pipelines/training.yaml
-	$(VENV)/bin/visionflow pipeline compile -o pipelines/training.yaml
+compile: $(STAMP) ## compile the pipeline and components into the Helm chart (charts/visionflow/files)
+	$(PY) -c 'from pathlib import Path; from visionflow.orchestration import compile_all; compile_all(Path("charts/visionflow/files"))'
+
+CHECKOV_VENV ?= .venv-checkov
+# checkov pins boto3, packaging, networkx... below requirements.lock: it gets its own venv.
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q checkov==3.3.30
 
 bench: $(STAMP) ## benchmarks: side-by-side comparisons, printed as ratios
 	$(PY) -m benchmarks $(ARGS)
@@ -37,8 +47,29 @@ mlflow-ui: $(STAMP) ## serve the local MLflow store on http://127.0.0.1:5000
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
 	$(VENV)/bin/ruff format --check src components pipelines tests benchmarks
+	$(VENV)/bin/hadolint --failure-threshold warning images/*.Dockerfile
+
+# Images: tags are the package's constants (its version), so a compiled pipeline names exactly
+# these images. Needs Docker with buildx; PUSH=1 pushes instead of loading.
+PUSH ?= 0
+PLATFORM ?= linux/amd64
+CPU_IMAGE = $(shell $(PY) -c 'import visionflow; print(visionflow.CPU_IMAGE)')
+TRAIN_IMAGE = $(shell $(PY) -c 'import visionflow; print(visionflow.TRAIN_IMAGE)')
+IMAGE_VERSION = $(shell $(PY) -c 'import visionflow; print(visionflow.__version__)')
+BUILDX = docker buildx build --platform $(PLATFORM) $(if $(filter 1,$(PUSH)),--push,--load) \
+	--build-arg VISIONFLOW_VERSION=$(IMAGE_VERSION) --build-arg VISIONFLOW_GIT_COMMIT=$(shell git rev-parse HEAD)
+
+images: $(STAMP) ## build the CPU and training images with docker buildx; PUSH=1 pushes them
+	$(BUILDX) -f images/cpu.Dockerfile -t $(CPU_IMAGE) .
+	$(BUILDX) -f images/train.Dockerfile -t $(TRAIN_IMAGE) .
+
+kind-up: images ## (Docker + network) a kind cluster with KFP, the Training Operator and our chart
+	CPU_IMAGE=$(CPU_IMAGE) TRAIN_IMAGE=$(TRAIN_IMAGE) bash scripts/kind-up.sh
+
+e2e: $(STAMP) ## (after kind-up) a tiny pipeline run on the kind cluster with a 2-worker CPU PyTorchJob
+	VISIONFLOW_E2E=1 $(PY) -m pytest -m e2e tests/e2e
 
 clean: ## remove local runs, caches and artifacts (.visionflow); keeps .venv
 	rm -rf .visionflow .pytest_cache
 
-.PHONY: help setup test pipeline-run compile bench mlflow-ui lint clean
+.PHONY: help setup test pipeline-run compile bench mlflow-ui lint images kind-up e2e clean

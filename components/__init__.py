@@ -1,10 +1,10 @@
 """KFP components, one per step. Each body imports visionflow and calls one step function.
 
-The image tag is tied to the package version: a compiled pipeline runs the code it came from.
+The image tags come from the package (`visionflow.CPU_IMAGE`, `visionflow.TRAIN_IMAGE`): they are
+tied to its version, so a compiled pipeline runs the code it came from.
 """
 
-from visionflow import __version__
+from visionflow import CPU_IMAGE as IMAGE
+from visionflow import TRAIN_IMAGE
 
-REGISTRY = "ghcr.io/visionflow"
-IMAGE = f"{REGISTRY}/visionflow:{__version__}"  # CPU image: prepare, evaluate, export, ...
-TRAIN_IMAGE = f"{REGISTRY}/visionflow-train:{__version__}"  # CUDA image: train
+__all__ = ["IMAGE", "TRAIN_IMAGE"]

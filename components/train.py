@@ -14,7 +14,9 @@ def train(
 ):
     """Train with Lightning; checkpoints go to the artifact store, metrics to MLflow.
 
-    Rerunning with the same run_id resumes from the last checkpoint.
+    On Kubernetes the training runs as a PyTorchJob over `cluster.nodes` pods (see
+    visionflow.cluster); the step follows it and outputs the model rank 0 stored. Rerunning with
+    the same run_id resumes from the last checkpoint.
 
     Args:
         overrides: Hydra overrides for this run.
@@ -24,9 +26,10 @@ def train(
         metrics: Best validation accuracy and training length.
     """
     from visionflow.pipeline_io import step_config, write_pointer
-    from visionflow.steps.train import train as run
+    from visionflow.steps.train import train_anywhere
 
-    r = run(step_config(overrides, run_id), dataset_id=dataset.metadata["dataset_id"])
+    cfg = step_config(overrides, run_id)
+    r = train_anywhere(cfg, overrides, dataset_id=dataset.metadata["dataset_id"])
     write_pointer(model, r.checkpoint_uri, mlflow_run_id=r.mlflow_run_id, spec=r.spec,
                   best_val_acc=r.best_val_acc, resumed_from_step=r.resumed_from_step)  # fmt: skip
     metrics.log_metric("best_val_acc", r.best_val_acc)

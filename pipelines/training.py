@@ -4,7 +4,7 @@ Every knob a person may change when rerunning from the Kubeflow UI is a pipeline
 anything else goes through `overrides` (Hydra `key=value` strings).
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components.configure import configure
 from components.evaluate import evaluate
@@ -13,6 +13,21 @@ from components.prepare import prepare
 from components.quantize import quantize
 from components.register import register
 from components.train import train
+
+# Kubernetes settings: used on a cluster, ignored by kfp.local. Secrets are referenced by name;
+# no credential is ever part of the compiled pipeline.
+S3_SECRET = "visionflow-minio"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (the chart's)
+S3_SECRET_KEYS = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+
+
+def on_cluster(task: dsl.PipelineTask, retries: int = 2) -> dsl.PipelineTask:
+    """S3 credentials from the Secret, and retries for transient errors (network, MinIO, MLflow)."""
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
+    task.set_retry(num_retries=retries, backoff_duration="10s", backoff_factor=2.0)
+    return task
 
 
 @dsl.pipeline(
@@ -44,8 +59,12 @@ def training_pipeline(
     data_task = prepare(**common)
     dataset = data_task.outputs["dataset"]
     train_task = train(**common, dataset=dataset)
-    # A training result is only reused when every input is the same; the run id is an input,
-    # so a new run always trains.
+    # The train step's own pod only launches and follows a PyTorchJob, whose pods get the GPUs,
+    # node selectors, tolerations and shared memory (cluster.* config); it runs under the run's
+    # service account (the chart's, allowed to manage PyTorchJobs). A retry resumes from the
+    # last checkpoint. Never cached: a rerun must train, even with the same inputs.
+    on_cluster(train_task, retries=1)
+    train_task.set_caching_options(enable_caching=False)
     model_ckpt = train_task.outputs["model"]
     eval_task = evaluate(**common, dataset=dataset, model=model_ckpt)
     export_task = export(**common, dataset=dataset, model=model_ckpt)
@@ -58,4 +77,6 @@ def training_pipeline(
         int8=quant_task.outputs["int8"],
         gate_passed=eval_task.outputs["gate_passed"],
     )
+    for task in (cfg, data_task, eval_task, export_task, quant_task, reg_task):
+        on_cluster(task)
     return reg_task.outputs["Output"]

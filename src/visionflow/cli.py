@@ -51,8 +51,12 @@ def run_step(step: str, overrides: list[str]) -> dict:
     import importlib
 
     cfg = _step_config(step, overrides)
-    func = getattr(importlib.import_module(f"visionflow.steps.{step}"), step)
-    result = func(cfg)
+    if step == "train":  # here, or as a PyTorchJob (cluster.launcher)
+        from visionflow.steps.train import train_anywhere
+
+        result = train_anywhere(cfg, overrides)
+    else:
+        result = getattr(importlib.import_module(f"visionflow.steps.{step}"), step)(cfg)
     out = dataclasses.asdict(result)
     out.pop("manifest", None)  # long; it is in the store
     return {"run_id": cfg.run_id, **out}
@@ -70,11 +74,31 @@ def main(argv: list[str] | None = None) -> int:
     pipe_sub = pipe.add_subparsers(dest="action", required=True)
     pr = pipe_sub.add_parser("run", help="run the pipeline on this machine (kfp.local)")
     pr.add_argument("overrides", nargs="*", metavar="key=value")
+    ps = pipe_sub.add_parser("submit", help="upload the pipeline to Kubeflow Pipelines and run it")
+    ps.add_argument("--host", required=True, help="KFP URL, e.g. http://localhost:8080")
+    ps.add_argument("--experiment", default="visionflow")
+    ps.add_argument("--name", default="visionflow-training", help="pipeline name in KFP")
+    ps.add_argument("--namespace", help="Kubeflow profile namespace (multi-user KFP)")
+    ps.add_argument("--package", help="compiled pipeline YAML (default: compile now)")
+    ps.add_argument("--run-name")
+    ps.add_argument("--service-account", default="visionflow")
+    ps.add_argument("--wait", action="store_true", help="follow the run to its end")
+    ps.add_argument("--timeout", type=float, default=86400)
+    ps.add_argument("overrides", nargs="*", metavar="key=value")
+    pu = pipe_sub.add_parser("upload", help="upload a compiled pipeline as a version (idempotent)")
+    pu.add_argument("--host", required=True)
+    pu.add_argument("--package", required=True)
+    pu.add_argument("--name", required=True)
+    pu.add_argument("--namespace")
     pc = pipe_sub.add_parser("compile", help="write the compiled pipeline YAML")
     pc.add_argument("-o", "--output", default="pipelines/training.yaml")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=["models", "datamodules", "transforms", "callbacks"])
     ls.add_argument("pattern", nargs="?", default="*")
+    cl = sub.add_parser("cluster", help="cluster tools")
+    cl_sub = cl.add_subparsers(dest="action", required=True)
+    rj = cl_sub.add_parser("render-job", help="print the PyTorchJob a run would submit (dry run)")
+    rj.add_argument("overrides", nargs="*", metavar="key=value")
     cf = sub.add_parser("config", help="print the resolved config")
     cf.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -98,6 +122,15 @@ def _dispatch(args) -> int:
         summary, path = run_local(args.overrides)
         print(json.dumps(summary))
         print(f"summary written to {path}", file=sys.stderr)
+    elif args.command == "pipeline" and args.action == "upload":
+        from visionflow.cluster.kfp_submit import upload
+
+        pipeline_id, version_id = upload(
+            args.host, Path(args.package), args.name, namespace=args.namespace
+        )
+        print(json.dumps({"pipeline_id": pipeline_id, "version_id": version_id}))
+    elif args.command == "pipeline" and args.action == "submit":
+        _submit(args)
     elif args.command == "pipeline" and args.action == "compile":
         from visionflow.orchestration import compile_pipeline
 
@@ -107,6 +140,15 @@ def _dispatch(args) -> int:
 
         reg = getattr(registry, args.kind.upper())
         print("\n".join(reg.list(args.pattern)))
+    elif args.command == "cluster" and args.action == "render-job":
+        import yaml
+
+        from visionflow.cluster.pytorchjob import build_pytorchjob, validate_job
+        from visionflow.core.config import load_config
+
+        job = build_pytorchjob(load_config(args.overrides), args.overrides)
+        validate_job(job)
+        print(yaml.safe_dump(job, sort_keys=False), end="")
     elif args.command == "config":
         from omegaconf import OmegaConf
 
@@ -114,6 +156,36 @@ def _dispatch(args) -> int:
 
         print(OmegaConf.to_yaml(load_config(args.overrides)), end="")
     return 0
+
+
+def _submit(args) -> None:
+    import dataclasses
+    import tempfile
+    import time
+
+    from visionflow.cluster.kfp_submit import params_from_overrides, submit
+    from visionflow.core.config import load_config
+    from visionflow.core.factories import validate
+    from visionflow.orchestration import compile_pipeline
+
+    # On a cluster, artifacts go to MinIO and runs to the MLflow server (the user's own
+    # overrides come after these and win).
+    args.overrides = ["storage=minio", "tracking=server", *args.overrides]
+    validate(load_config(args.overrides))  # a bad config fails here, not in the cluster
+    with tempfile.TemporaryDirectory() as tmp:
+        package = (
+            Path(args.package) if args.package else compile_pipeline(Path(tmp) / "training.yaml")
+        )
+        params = params_from_overrides(args.overrides)
+        run_name = (
+            args.run_name or params["run_id"] or f"{args.name} {time.strftime('%Y-%m-%d %H-%M-%S')}"
+        )
+        result = submit(
+            args.host, package, args.name, args.experiment, run_name, params, wait=args.wait,
+            timeout_s=args.timeout, namespace=args.namespace, service_account=args.service_account,
+        )  # fmt: skip
+    print(f"run {result.run_id}: {result.url}", file=sys.stderr)
+    print(json.dumps(dataclasses.asdict(result)))
 
 
 def _fail(err: Exception) -> int:

@@ -32,6 +32,26 @@ def compile_pipeline(path: Path) -> Path:
     return path
 
 
+COMPONENTS = ("configure", "prepare", "train", "evaluate", "export", "quantize", "register")
+
+
+def compile_all(directory: Path) -> list[Path]:
+    """The pipeline and every component, compiled as the Helm chart ships them:
+    `pipeline/training.yaml` and `components/<step>.yaml` under `directory`."""
+    import importlib
+
+    from kfp import compiler
+
+    written = [compile_pipeline(directory / "pipeline" / "training.yaml")]
+    (directory / "components").mkdir(parents=True, exist_ok=True)
+    for name in COMPONENTS:
+        component = getattr(importlib.import_module(f"components.{name}"), name)
+        path = directory / "components" / f"{name}.yaml"
+        compiler.Compiler().compile(component, str(path))
+        written.append(path)
+    return written
+
+
 def run_local(overrides: list[str]) -> tuple[dict[str, Any], Path]:
     """Run the whole pipeline on this machine under kfp.local's SubprocessRunner.
 

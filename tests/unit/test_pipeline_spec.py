@@ -14,7 +14,7 @@ KNOBS = {"data", "data_root", "data_test_root", "model", "max_epochs", "batch_si
 def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "compile-time-secret-value")
     text = compile_pipeline(tmp_path / "training.yaml").read_text()
-    spec = yaml.safe_load(text)
+    spec, platform = yaml.safe_load_all(text)
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == KNOBS
     assert (
@@ -32,11 +32,19 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
         "quantize",
         "register",
     }
-    assert "compile-time-secret-value" not in text and "AWS_SECRET_ACCESS_KEY" not in text
+    assert "compile-time-secret-value" not in text
+    # Credentials come from a Secret, by name, on every step; the train step is never cached.
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == len(tasks)
+    for executor in executors.values():
+        (secret,) = executor["secretAsEnv"]
+        assert secret["secretName"] == "visionflow-minio"
+    assert "enableCache" not in tasks["train"]["cachingOptions"]
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 1
 
 
 def test_components_only_call_into_the_package(tmp_path):
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
     for name, executor in spec["deploymentSpec"]["executors"].items():
         body = executor["container"]["command"][-1]
         assert "from visionflow" in body, name

@@ -109,6 +109,37 @@ class RegisterConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where and how training runs on Kubernetes (a Kubeflow Training Operator PyTorchJob)."""
+
+    launcher: str = (
+        "auto"  # auto: a PyTorchJob inside Kubernetes, in-process elsewhere | local | pytorchjob
+    )
+    namespace: str = "kubeflow"
+    image: str | None = None  # default: visionflow.TRAIN_IMAGE
+    nodes: int = 1  # pods: one Master and nodes-1 Workers
+    gpus_per_node: int = 0  # nvidia.com/gpu per pod and processes per pod (0: one CPU process)
+    cpu: str = "4"
+    memory: str = "16Gi"
+    shm_size: str = "8Gi"  # memory-backed /dev/shm for DataLoader workers and NCCL
+    # Kubernetes fields, passed through as given (None: not set), e.g.
+    # 'cluster.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}'
+    node_selector: Any = None
+    tolerations: Any = None
+    affinity: Any = None
+    backoff_limit: int = 0
+    active_deadline_seconds: int = 86400
+    clean_pod_policy: str = "Running"  # None | Running | All
+    restart_policy: str = "OnFailure"
+    s3_secret: str = "visionflow-minio"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    mlflow_secret: str | None = (
+        None  # optional keys MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
+    )
+    service_account: str | None = None  # for the pods; they need no Kubernetes API access
+    port: int = 23456
+
+
+@dataclass
 class Config:
     model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,6 +153,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run_id: str | None = None
     seed: int = 42
     workdir: str = ".visionflow"

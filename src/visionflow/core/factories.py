@@ -6,6 +6,7 @@ callbacks); visionflow's own parts come from the registries by name.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,28 @@ def progress_callback() -> pl.Callback:
     return CALLBACKS.get("plain_progress")()
 
 
+def cluster_environment():
+    """Lightning's KubeflowEnvironment in a PyTorchJob pod that runs one process.
+
+    The Training Operator sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK on each pod;
+    Lightning does not detect that on its own. Under torchrun (TORCHELASTIC_RUN_ID) Lightning's
+    own detection is right.
+    """
+    from lightning.pytorch.plugins.environments import KubeflowEnvironment
+
+    needed = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+    if "TORCHELASTIC_RUN_ID" not in os.environ and all(k in os.environ for k in needed):
+        return KubeflowEnvironment()
+    return None
+
+
 def build_trainer(
     cfg: DictConfig, callbacks: list[pl.Callback], logger=None, plugins=None
 ) -> pl.Trainer:
     args = {k: v for k, v in _plain(cfg.trainer).items() if v is not None}
+    plugins = list(plugins or [])
+    if (env := cluster_environment()) is not None:
+        plugins.append(env)
     return pl.Trainer(
         **args,
         callbacks=callbacks,

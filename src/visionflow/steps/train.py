@@ -44,6 +44,9 @@ class TrainResult:
     resumed_from_step: int | None
     mlflow_run_id: str
     spec: dict[str, Any]
+    final_metrics: dict[str, float]  # the last epoch's logged values (the same on every rank)
+    rank: int = 0
+    world_size: int = 1
 
 
 def checkpoint_prefix(run_id: str) -> str:
@@ -100,22 +103,30 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
             resumed_step,
         )
 
-    mlflow_run_id = tracking.run_for(cfg)
+    # Only rank 0 talks to MLflow: other ranks would race to create the run.
     from lightning.pytorch.loggers import MLFlowLogger
 
-    logger = MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=mlflow_run_id, log_model=False)
+    # (Even creating an MLflow client opens the store: with sqlite, two ranks would both migrate it.)
+    # Other ranks get a logger that does nothing, for callbacks that insist on one.
+    from lightning.pytorch.loggers.logger import DummyLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    mlflow_run_id, logger = "", DummyLogger()
+    if rank_zero_only.rank == 0:
+        mlflow_run_id = tracking.run_for(cfg)
+        logger = MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=mlflow_run_id, log_model=False)
+    # Two callbacks: Lightning's save_last only writes when the monitored metric improves, and
+    # resuming needs the newest state every epoch.
     checkpoint = ModelCheckpoint(
-        dirpath=local_dir,
-        filename="best",
-        monitor="val/acc",
-        mode="max",
-        save_top_k=1,
-        save_last=True,
+        dirpath=local_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1,
         enable_version_counter=False,
+    )  # fmt: skip
+    latest = ModelCheckpoint(
+        dirpath=local_dir, filename="last", save_top_k=1, enable_version_counter=False
     )
-    callbacks = [checkpoint, progress_callback(), *build_callbacks(cfg.callbacks)]
+    callbacks = [checkpoint, latest, progress_callback(), *build_callbacks(cfg.callbacks)]
     trainer = build_trainer(cfg, callbacks, logger, plugins=[StoreCheckpointIO(store, prefix)])
-    if trainer.is_global_zero:
+    if mlflow_run_id:
         _log_run_info(logger, cfg)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
 
@@ -129,6 +140,9 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
         resumed_from_step=resumed_step,
         mlflow_run_id=mlflow_run_id,
         spec=spec,
+        final_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
     )
     if trainer.is_global_zero:
         save_step(store, cfg.run_id, "train", result)
@@ -139,6 +153,15 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
         result.global_step,
     )
     return result
+
+
+def train_anywhere(cfg, overrides: list[str], dataset_id: str | None = None) -> TrainResult:
+    """The train step where `cluster.launcher` says: here, or as a PyTorchJob on the cluster."""
+    from visionflow.cluster.training import train_on_cluster, use_pytorchjob
+
+    if use_pytorchjob(cfg):
+        return train_on_cluster(cfg, overrides)
+    return train(cfg, dataset_id)
 
 
 def _download_checkpoints(store: ArtifactStore, prefix: str, local_dir: Path) -> Path | None:

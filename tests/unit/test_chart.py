@@ -1,0 +1,601 @@
+"""The Helm chart charts/visionflow, rendered offline for its defaults and every ci/ values file.
+
+helm-python-sdk (Helm v4's Go SDK; no helm binary) lints and renders; kubernetes-validate checks
+every manifest against Kubernetes 1.30's schemas (shipped in the package); checkov's Kubernetes
+checks run on the rendered YAML. checkov cannot share this venv (it pins boto3, packaging,
+networkx, ... below requirements.lock), so it is a separate executable: $CHECKOV, else
+.venv-checkov/bin/checkov (`make checkov`), else `checkov` on PATH.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from visionflow.orchestration import compile_all
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "visionflow"
+CASES = ["defaults"] + sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))
+RELEASE, NAMESPACE = "visionflow", "ml-team"
+K8S_VERSION = "1.30.0"
+COMPONENTS = ("configure", "prepare", "train", "evaluate", "export", "quantize", "register")
+PIPELINE_FILE = CHART / "files" / "pipeline" / "training.yaml"
+REGENERATE = "regenerate it with `make compile`"
+# What visionflow's PyTorchJob launcher uses, and nothing more.
+LAUNCHER_RULES = (
+    {("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")}
+    | {("", "pods", v) for v in ("get", "list", "watch")}
+    | {("", "pods/log", "get")}
+)
+# Kinds kubernetes-validate has no schema for (custom resources), each with the check used instead.
+# The chart renders none; a new one fails test_manifests_are_valid_kubernetes until added here.
+CUSTOM_RESOURCES: dict[tuple[str, str], object] = {}
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
+
+
+def values_of(case: str) -> dict:
+    return (
+        {}
+        if case == "defaults"
+        else yaml.safe_load((CHART / "ci" / f"{case}.yaml").read_text()) or {}
+    )
+
+
+def render(values: dict, name: str = RELEASE) -> dict[str, str]:
+    """Template path -> rendered text, after validating the values against values.schema.json."""
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values(values))
+        return chart.render(values, name=name, namespace=NAMESPACE, is_install=True)
+
+
+def documents(rendered: dict[str, str]) -> list[dict]:
+    return [
+        d
+        for path, text in sorted(rendered.items())
+        if not path.endswith("NOTES.txt")
+        for d in yaml.safe_load_all(text)
+        if d
+    ]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, str]]:
+    return {case: render(values_of(case)) for case in CASES}
+
+
+def find(docs: list[dict], kind: str, suffix: str = "") -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    return doc
+
+
+def pod_spec(doc: dict) -> dict:
+    if doc["kind"] == "Pod":
+        return doc["spec"]
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def containers(spec: dict) -> list[dict]:
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def chart_metadata() -> dict:
+    return yaml.safe_load((CHART / "Chart.yaml").read_text())
+
+
+# - the chart as a whole ---------------------------------------------------------------------------
+
+
+def test_ci_values_cover_the_defaults_and_everything_enabled():
+    assert {"default-values", "all-enabled-values"} <= set(CASES)
+    everything = values_of("all-enabled-values")
+    assert everything["minio"]["enabled"] and everything["mlflow"]["enabled"]
+    assert (
+        everything["networkPolicy"]["enabled"] and everything["rbac"]["bindKubeflowPipelinesEdit"]
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lint_reports_no_errors_or_warnings(case):
+    report = helm.lint(
+        CHART, values_of(case), strict=True, namespace=NAMESPACE, kube_version=f"v{K8S_VERSION}"
+    )
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
+    assert not report["errors"] and not problems, (report["errors"], problems)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access during an offline check")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_manifests_are_valid_kubernetes_1_30(case, rendered, no_network):
+    for doc in documents(rendered[case]):
+        what = f"{case}: {doc['kind']}/{doc['metadata'].get('name')}"
+        try:
+            used = kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            check = CUSTOM_RESOURCES.get((doc["apiVersion"], doc["kind"]))
+            assert check, (
+                f"{what}: no Kubernetes schema for {doc['apiVersion']}; add a check to CUSTOM_RESOURCES"
+            )
+            check(doc)
+            continue
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{what} at {'/'.join(map(str, err.path))}: {err.message}")
+        assert used == "1.30", f"{what} was validated against Kubernetes {used}"
+
+
+def test_kubernetes_validate_rejects_what_it_should(no_network):
+    """The validator above is not vacuous: a custom kind, an unknown field, a wrong type fail."""
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(
+            {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "x"}},
+            K8S_VERSION,
+        )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x"},
+        "spec": {"containers": [{"name": "c", "image": "i:1"}]},
+    }
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    for broken in (
+        {"ports": [{"containerPort": "http"}]},
+        {"securityContext": {"runAsUser": "root"}},
+        {"resource": {}},
+    ):
+        bad = json.loads(json.dumps(pod))
+        bad["spec"]["containers"][0].update(broken)
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_schema_and_templates_refuse_bad_values():
+    for bad in (
+        {"image": {"tag": "latest"}},
+        {"minio": {"image": {"tag": "latest"}}},
+        {"mlflow": {"replica": 2}},
+        {"storage": {"bucket": "No_Such"}},
+    ):
+        with pytest.raises(helm.HelmValuesError):
+            render(bad)
+    with pytest.raises(helm.HelmRenderError, match="mlflow.existingSecret"):
+        render({"mlflow": {"enabled": True}})
+    with pytest.raises(helm.HelmRenderError, match="minio.existingSecret"):
+        render({"minio": {"enabled": True, "existingSecret": ""}})
+
+
+def test_names_stay_within_63_characters():
+    docs = documents(
+        render(
+            {"mlflow": {"enabled": True, "existingSecret": "db"}, "minio": {"enabled": True}},
+            name="r" * 53,
+        )
+    )
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+
+
+def test_every_value_is_documented():
+    """Every value has a `# --` comment on the line above it or above one of its parents."""
+    parents: list[tuple[int, bool]] = []  # (indent, documented) of the keys we are inside
+    previous = ""
+    for number, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
+        key = re.match(r"^( *)([A-Za-z][\w.-]*):(.*)$", line)
+        item = re.match(r"^( *)- ", line)
+        if key or item:
+            indent = len((key or item).group(1))
+            parents = [p for p in parents if p[0] < indent or (item and p[0] == indent)]
+            documented = bool(key) and previous.lstrip().startswith("# --")
+            covered = documented or any(d for _, d in parents)
+            if key and not key.group(3).split("#")[0].strip():  # a parent: its children are checked
+                parents.append((indent, documented))
+            else:
+                assert covered, f"values.yaml:{number}: {line.strip()!r} has no `# --` comment"
+        if line.strip():
+            previous = line
+
+
+# - policy: images, RBAC, pod security, secrets ----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_image_has_a_fixed_tag(case, rendered):
+    for doc in documents(rendered[case]):
+        if doc["kind"] not in POD_KINDS:
+            continue
+        for c in containers(pod_spec(doc)):
+            name, _, tag = c["image"].split("@")[0].rpartition(":")
+            assert name and "/" not in tag and tag and tag != "latest", f"{case}: {c['image']}"
+
+
+def test_default_images():
+    docs = documents(render({}))
+    app = chart_metadata()["appVersion"]
+    job = find(docs, "Job", "pipeline-upload")
+    assert pod_spec(job)["containers"][0]["image"] == f"ghcr.io/visionflow/visionflow:{app}"
+    cluster = yaml.safe_load(find(docs, "ConfigMap", "-config")["data"]["cluster.yaml"])
+    assert cluster["cluster"]["image"] == f"ghcr.io/visionflow/visionflow-train:{app}"
+    everything = documents(
+        render({"mlflow": {"enabled": True, "existingSecret": "db"}, "minio": {"enabled": True}})
+    )
+    images = {
+        c["image"] for d in everything if d["kind"] in POD_KINDS for c in containers(pod_spec(d))
+    }
+    # The MLflow server is the same release as visionflow's client; MinIO is a dated release.
+    assert f"ghcr.io/mlflow/mlflow:v{importlib.metadata.version('mlflow')}-full" in images
+    assert any(
+        re.fullmatch(r"quay\.io/minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", i)
+        for i in images
+    )
+    listed = {
+        i["image"] for i in yaml.safe_load(chart_metadata()["annotations"]["artifacthub.io/images"])
+    }
+    assert listed == images | {cluster["cluster"]["image"]}, (
+        "Chart.yaml's artifacthub.io/images is stale"
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rbac_is_exactly_what_the_launcher_uses(case, rendered):
+    docs = documents(rendered[case])
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    rules = {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert rules == LAUNCHER_RULES
+    assert all(
+        set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"]
+    )  # no resourceNames etc.
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["kind"] == "Role")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    sa = find(docs, "ServiceAccount")["metadata"]["name"]
+    assert {"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE} in binding["subjects"]
+    others = [d for d in docs if d["kind"] == "RoleBinding" and d is not binding]
+    opted_in = values_of(case).get("rbac", {}).get("bindKubeflowPipelinesEdit", False)
+    assert [d["roleRef"]["name"] for d in others] == (
+        ["kubeflow-pipelines-edit"] if opted_in else []
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_pod_is_restricted(case, rendered):
+    pods = [d for d in documents(rendered[case]) if d["kind"] in POD_KINDS]
+    assert pods
+    for doc in pods:
+        spec, what = pod_spec(doc), f"{case}: {doc['kind']}/{doc['metadata']['name']}"
+        ctx = spec["securityContext"]
+        assert (
+            ctx["runAsNonRoot"] is True
+            and ctx["runAsUser"] > 0
+            and ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+        ), what
+        assert spec["automountServiceAccountToken"] is False, what
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), what
+        empty_dirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for c in containers(spec):
+            sc = c["securityContext"]
+            assert (
+                sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            ), (what, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged"), (
+                what,
+                c["name"],
+            )
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), (what, c["name"], kind)
+            if c in spec["containers"]:  # a writable /tmp beside the read-only root
+                assert any(
+                    m["mountPath"] == "/tmp" and m["name"] in empty_dirs for m in c["volumeMounts"]
+                ), (what, c["name"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_credentials_in_manifests(case, rendered):
+    docs = documents(rendered[case])
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for doc in docs:
+        if doc["kind"] in POD_KINDS:
+            for c in containers(pod_spec(doc)):
+                for env in c.get("env", []):
+                    if re.search(r"KEY|SECRET|PASSWORD|BACKEND_STORE_URI", env["name"]):
+                        assert (
+                            set(env) == {"name", "valueFrom"} and "secretKeyRef" in env["valueFrom"]
+                        ), (case, env)
+
+
+# - checkov ---------------------------------------------------------------------------------------
+
+
+def checkov_command() -> str:
+    for candidate in (
+        os.environ.get("CHECKOV"),
+        REPO / ".venv-checkov" / "bin" / "checkov",
+        shutil.which("checkov"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.fail(
+        "checkov not found: `make checkov` creates .venv-checkov, or set CHECKOV=/path/to/checkov"
+    )
+
+
+def strip_checkov_skips(text: str) -> str:
+    return re.sub(r"(?m)^\s*checkov\.io/skip\d+:.*\n", "", text)
+
+
+def test_checkov_kubernetes_checks_pass_and_every_skip_is_needed(rendered, tmp_path):
+    """One checkov run over every case twice: as rendered, and with the skip annotations removed.
+
+    As rendered nothing may fail; every skip carries a reason; and every skipped check fails
+    without its annotation (a skip that is not needed any more must go).
+    """
+    for case, text in rendered.items():
+        body = "\n---\n".join(v for k, v in sorted(text.items()) if not k.endswith("NOTES.txt"))
+        for variant, content in (("annotated", body), ("stripped", strip_checkov_skips(body))):
+            (tmp_path / variant).mkdir(exist_ok=True)
+            (tmp_path / variant / f"{case}.yaml").write_text(content)
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "LOG_LEVEL": "WARNING"}  # no guideline download
+    proc = subprocess.run(
+        [checkov_command(), "--directory", str(tmp_path), "--framework", "kubernetes", "--skip-download", "--output", "json"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(proc.stdout)
+    assert report["summary"]["parsing_errors"] == 0 and report["summary"]["resource_count"] > 0, (
+        proc.stderr[-2000:]
+    )
+    results = report["results"]
+
+    def keyed(checks, variant):
+        return {
+            (c["file_path"].split("/")[-1], c["resource"], c["check_id"])
+            for c in checks
+            if f"/{variant}/" in c["file_path"]
+        }
+
+    failed = keyed(results.get("failed_checks", []), "annotated")
+    assert not failed, "\n".join(f"{f}: {r}: {c}" for f, r, c in sorted(failed))
+    skipped = [c for c in results.get("skipped_checks", []) if "/annotated/" in c["file_path"]]
+    assert skipped, "no checkov skips seen: were the annotations read?"
+    for check in skipped:
+        assert len(check["check_result"].get("suppress_comment", "")) >= 30, (
+            f"{check['check_id']} needs a reason"
+        )
+    assert keyed(skipped, "annotated") <= keyed(results.get("failed_checks", []), "stripped")
+
+
+# - the pipeline: compiled files, upload hook, configs ---------------------------------------------
+
+
+def test_compiled_files_are_current(tmp_path):
+    """charts/visionflow/files holds what the code compiles today (`make compile` rewrites it)."""
+    compile_all(tmp_path)
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
+    shipped = sorted(p.relative_to(CHART / "files") for p in (CHART / "files").rglob("*.yaml"))
+    assert shipped == fresh, REGENERATE
+    for rel in fresh:
+        assert (CHART / "files" / rel).read_bytes() == (tmp_path / rel).read_bytes(), (
+            f"{rel} is stale: {REGENERATE}"
+        )
+
+
+def test_compiled_pipeline_agrees_with_the_chart():
+    import visionflow
+
+    spec, platform = yaml.safe_load_all(PIPELINE_FILE.read_text())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {visionflow.CPU_IMAGE, visionflow.TRAIN_IMAGE}
+    assert chart_metadata()["appVersion"] == visionflow.__version__
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["minio"]
+    for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        for ref in executor.get("secretAsEnv", []):
+            assert ref["secretName"] == defaults["existingSecret"]
+            assert {k["secretKey"] for k in ref["keyToEnv"]} == {
+                defaults["accessKeyKey"],
+                defaults["secretKeyKey"],
+            }
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kfp_configmap_ships_the_compiled_files_verbatim(case, rendered):
+    data = find(documents(rendered[case]), "ConfigMap", "-kfp")["data"]
+    expected = {"pipeline-training.yaml": PIPELINE_FILE} | {
+        f"component-{n}.yaml": CHART / "files" / "components" / f"{n}.yaml" for n in COMPONENTS
+    }
+    assert set(data) == set(expected)
+    for key, path in expected.items():
+        assert data[key] == path.read_text(), key
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_upload_hook(case, rendered):
+    values = values_of(case)
+    docs = documents(rendered[case])
+    job = find(docs, "Job", "-pipeline-upload")
+    notes = job["metadata"]["annotations"]
+    assert set(notes["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
+    assert set(notes["helm.sh/hook-delete-policy"].split(",")) == {
+        "before-hook-creation",
+        "hook-succeeded",
+    }
+    assert (
+        notes["visionflow/pipeline-sha256"]
+        == hashlib.sha256(PIPELINE_FILE.read_bytes()).hexdigest()
+    )
+    spec = pod_spec(job)
+    (c,) = spec["containers"]
+    kfp = values.get("kfp", {})
+    assert c["command"] == [
+        "visionflow", "pipeline", "upload",
+        "--host", kfp.get("host", "http://ml-pipeline.kubeflow:8888"),
+        "--package", "/etc/visionflow/pipeline/training.yaml",
+        "--name", kfp.get("upload", {}).get("pipelineName", "visionflow-training"),
+    ]  # fmt: skip
+    assert c["image"].startswith("ghcr.io/visionflow/visionflow:")
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/visionflow/pipeline")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == find(docs, "ConfigMap", "-kfp")["metadata"]["name"]
+    assert volume["configMap"]["items"] == [
+        {"key": "pipeline-training.yaml", "path": "training.yaml"}
+    ]
+    assert spec["serviceAccountName"] == find(docs, "ServiceAccount")["metadata"]["name"]
+    # Kubeflow Pipelines' token, not the Kubernetes API's.
+    token = next(v for v in spec["volumes"] if "projected" in v)["projected"]["sources"][0][
+        "serviceAccountToken"
+    ]
+    assert token["audience"] == "pipelines.kubeflow.org"
+    off = documents(render({**values, "kfp": {**kfp, "upload": {"enabled": False}}}))
+    assert not [d for d in off if d["kind"] == "Job"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cluster_config_is_a_valid_visionflow_config(case, rendered, tmp_path, monkeypatch):
+    """cluster.yaml composes with visionflow's own configs and schema (an unknown key fails)."""
+    from visionflow.core.config import load_config
+
+    monkeypatch.setenv("VISIONFLOW_HOME", str(tmp_path / "home"))
+    for var in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    docs = documents(rendered[case])
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "cluster.yaml").write_text(
+        find(docs, "ConfigMap", "-config")["data"]["cluster.yaml"]
+    )
+    cfg = load_config([f"hydra.searchpath=[file://{tmp_path}]", "+site=cluster"])
+    env = find(docs, "ConfigMap", "-env")["data"]
+    values = values_of(case)
+    assert cfg.storage.root == f"s3://{values.get('storage', {}).get('bucket', 'visionflow')}"
+    assert cfg.storage.endpoint == env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"]
+    assert cfg.cluster.namespace == NAMESPACE
+    assert cfg.cluster.image.startswith("ghcr.io/visionflow/visionflow-train:")
+    if "MLFLOW_TRACKING_URI" in env:
+        assert cfg.tracking.uri == env["MLFLOW_TRACKING_URI"]
+    for key, value in values.get("config", {}).get("cluster", {}).items():
+        assert cfg.cluster[key] == value
+
+
+# - MLflow, MinIO, NetworkPolicy, helm test --------------------------------------------------------
+
+
+def test_mlflow_server():
+    values = values_of("all-enabled-values")
+    docs = documents(render(values))
+    (c,) = pod_spec(find(docs, "Deployment", "-mlflow"))["containers"]
+    cmd = c["command"]
+    assert cmd[:2] == ["mlflow", "server"] and "--serve-artifacts" in cmd
+    assert cmd[cmd.index("--backend-store-uri") + 1] == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert (
+        cmd[cmd.index("--artifacts-destination") + 1]
+        == f"s3://{values['storage']['bucket']}/mlflow"
+    )
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--port") + 1] == "5000"
+    env = {e["name"]: e for e in c["env"]}
+    assert (
+        env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"]
+        == values["mlflow"]["existingSecret"]
+    )
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"} <= set(env)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"
+    # MLflow answers 403 to a Host header it does not list: the tracking URI's host must be listed.
+    allowed = cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    tracking = urlsplit(find(docs, "ConfigMap", "-env")["data"]["MLFLOW_TRACKING_URI"]).netloc
+    assert any(fnmatch.fnmatch(tracking, pattern) for pattern in allowed), (tracking, allowed)
+    assert "mlflow.example.com" in allowed and "*" not in allowed
+
+
+def test_minio():
+    values = values_of("all-enabled-values")
+    docs = documents(render(values))
+    spec = pod_spec(find(docs, "Deployment", "-minio"))
+    (init,), (c,) = spec["initContainers"], spec["containers"]
+    assert init["command"] == ["mkdir", "-p", f"/data/{values['storage']['bucket']}"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/minio/health/live"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/minio/health/ready"
+    claim = next(v for v in spec["volumes"] if v["name"] == "data")["persistentVolumeClaim"][
+        "claimName"
+    ]
+    pvc = find(docs, "PersistentVolumeClaim")
+    assert (
+        pvc["metadata"]["name"] == claim
+        and pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    )
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert find(docs, "Deployment", "-minio")["spec"]["strategy"]["type"] == "Recreate"
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies():
+    docs = documents(render(values_of("all-enabled-values")))
+    policies = {
+        d["metadata"]["name"].removeprefix(f"{RELEASE}-"): d["spec"]
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+    }
+    assert set(policies) == {"default-deny", "mlflow", "minio"}
+    deny = policies["default-deny"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    for doc in docs:
+        if doc["kind"] in POD_KINDS:
+            labels = (
+                doc["metadata"] if doc["kind"] == "Pod" else doc["spec"]["template"]["metadata"]
+            )["labels"]
+            assert selects(deny["podSelector"], labels), doc["metadata"]["name"]
+    # visionflow's pipeline and PyTorchJob pods (not this release's) keep their traffic.
+    assert not selects(
+        deny["podSelector"], {"app.kubernetes.io/name": "visionflow", "visionflow/run-id": "r1"}
+    )
+    for name, port in (("mlflow", "http"), ("minio", "s3")):
+        (rule,) = policies[name]["ingress"]
+        assert {"podSelector": {}} in rule["from"] and rule["ports"] == [
+            {"port": port, "protocol": "TCP"}
+        ]
+    assert not [
+        d
+        for d in documents(render({"networkPolicy": {"enabled": False}}))
+        if d["kind"] == "NetworkPolicy"
+    ]
+
+
+def test_helm_test_pod_checks_each_service():
+    docs = documents(render(values_of("all-enabled-values")))
+    pod = find(docs, "Pod", "-test-health")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    urls = pod["spec"]["containers"][0]["command"][3:]
+    assert urls == [
+        f"http://{RELEASE}-mlflow.{NAMESPACE}:5000/health",
+        f"http://{RELEASE}-minio.{NAMESPACE}:9000/minio/health/live",
+        "http://ml-pipeline.kubeflow:8888/apis/v2beta1/healthz",
+    ]
