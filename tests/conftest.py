@@ -19,6 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=shapes_tiny"]
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which `tracking=server` reads:
+    one test's store must not become the next test's server."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def tiny_overrides(workdir: Path, *more: str) -> list[str]:
     """A run that takes seconds: 600 shapes, a narrow CNN, one epoch."""
     return [*TINY, f"workdir={workdir}", *more]
