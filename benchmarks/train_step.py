@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         times["ours"].append(lightning_loop(copy.deepcopy(net0), batches, optim_cfg, device, prec))
     images = args.steps * args.batch_size
     rate = {k: images / statistics.median(v) for k, v in times.items()}
-    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu threads={torch.get_num_threads()}"
+    where = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu threads={torch.get_num_threads()}"
+    )
     print(f"model={args.model} image={args.image_size}px batch={args.batch_size} steps={args.steps} "
           f"repeats={args.repeats} precision={prec} channels_last={args.channels_last} device={where}")  # fmt: skip
     print(f"  plain PyTorch loop : {rate['plain']:10.1f} img/s")
