@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHECKOV_VENV ?= .venv-checkov
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -32,7 +33,6 @@ endif
 compile: $(STAMP) ## compile the pipeline and components into the Helm chart (charts/visionflow/files)
 	$(PY) -c 'from pathlib import Path; from visionflow.orchestration import compile_all; compile_all(Path("charts/visionflow/files"))'
 
-CHECKOV_VENV ?= .venv-checkov
 # checkov pins boto3, packaging, networkx... below requirements.lock: it gets its own venv.
 $(CHECKOV_VENV)/bin/checkov:
 	$(PYTHON) -m venv $(CHECKOV_VENV)
