@@ -41,6 +41,10 @@ class DataConfig:
     samples_per_shard: int = 2000
     batch_size: int = 128
     num_workers: int = 0
+    # none: decode images in DataLoader workers, every epoch (the shard path). memory | gpu:
+    # decode the shards once into a uint8 tensor (on the GPU for `gpu` when CUDA is there) and
+    # augment whole batches on that device (see vision/data/cached.py).
+    cache: str = "none"
 
 
 @dataclass
@@ -64,6 +68,14 @@ class OptimConfig:
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] | None = None
     label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """How the training step runs the network (not what it optimises: that is `optim`)."""
+
+    channels_last: bool = False  # NHWC memory layout for the network and its inputs
+    compile: bool = False  # torch.compile the network (the first steps pay for compilation)
 
 
 @dataclass
@@ -149,6 +161,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)

@@ -51,6 +51,16 @@ def datamodule_class(name: str):
         raise ConfigError(f"data.name: {err}") from None
 
 
+def batch_augment(cfg: DictConfig):
+    """The on-device augmentation for `data.cache` memory|gpu; None for the shard path."""
+    from visionflow.vision.data.cached import batch_augment_from, check_cache_mode
+
+    if check_cache_mode(cfg.data.cache) == "none":
+        return None
+    batch_augment_from(_plain(cfg.transforms.eval), "transforms.eval")  # only resize there
+    return batch_augment_from(_plain(cfg.transforms.train), "transforms.train")
+
+
 def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str):
     train_tf, eval_tf = build_transforms(cfg)
     return datamodule_class(cfg.data.name)(
@@ -61,6 +71,9 @@ def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str):
         eval_transform=eval_tf,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
+        cache=cfg.data.cache,
+        batch_augment=batch_augment(cfg),
+        seed=cfg.seed,
     )
 
 
@@ -140,6 +153,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.data.get(key) in (None, ""):
             raise ConfigError(f"data={cfg.data.name} needs data.{key}: set it, e.g. data.{key}=...")
     build_transforms(cfg)
+    batch_augment(cfg)
     for key, entry in (_plain(cfg.callbacks) or {}).items():
         if entry and "_target_" not in entry:
             try:

@@ -86,7 +86,7 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
         "dataset_id": dataset_id,
         "run_id": cfg.run_id,
     }
-    module = ClassificationModule(net, spec, to_container(cfg.optim))
+    module = ClassificationModule(net, spec, to_container(cfg.optim), **to_container(cfg.train))
 
     prefix = checkpoint_prefix(cfg.run_id)
     local_dir = Path(cfg.workdir) / "runs" / cfg.run_id / "checkpoints"

@@ -16,11 +16,11 @@ def collect(
     """(logits, labels) for the loader's batches, stopping after max_samples images."""
     outs, labels, seen = [], [], 0
     for images, target in loader:
-        x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        x, y = images.cpu().numpy(), target.cpu().numpy()  # cached loaders serve GPU batches
         if max_samples is not None and seen + len(x) > max_samples:
-            x, target = x[: max_samples - seen], target[: max_samples - seen]
+            x, y = x[: max_samples - seen], y[: max_samples - seen]
         outs.append(predict(x))
-        labels.append(np.asarray(target))
+        labels.append(y)
         seen += len(x)
         if max_samples is not None and seen >= max_samples:
             break

@@ -17,17 +17,29 @@ class ClassificationModule(pl.LightningModule):
 
     `spec` describes how to rebuild the network (model name and options, classes, image size,
     dataset id); it travels inside every checkpoint so that later steps need nothing else.
+    `channels_last` and `compile` (config `train.*`) change how the network runs, not what it
+    computes; checkpoints keep the plain network's parameter names either way.
     """
 
-    def __init__(self, net: nn.Module, spec: dict[str, Any], optim: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        spec: dict[str, Any],
+        optim: dict[str, Any],
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
-        self.net = net
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = net.to(memory_format=self.memory_format)
+        if compile:
+            self.net.compile()  # in place: state_dict keys stay those of the plain network
         self.spec = spec
         self.optim = optim
         self.label_smoothing = float(optim.get("label_smoothing", 0.0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        return self.net(images.contiguous(memory_format=self.memory_format))
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, labels = batch

@@ -19,6 +19,13 @@ from torch.utils.data import DataLoader
 
 from visionflow.core.registry import DATAMODULES
 from visionflow.storage import ArtifactStore, split_uri
+from visionflow.vision.data.cached import (
+    BatchAugment,
+    DeviceBatches,
+    cache_device,
+    check_cache_mode,
+    decode_shards,
+)
 from visionflow.vision.data.shapes import SHAPE_CLASSES, make_shape
 from visionflow.vision.data.shards import IMAGE_EXTS, ShardDataset, fetch_shards, load_manifest
 
@@ -36,7 +43,12 @@ class RawSample:
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Loads a prepared dataset (manifest + shards) from the artifact store."""
+    """Loads a prepared dataset (manifest + shards) from the artifact store.
+
+    `cache="none"` serves batches through DataLoaders that decode every epoch; `"memory"` or
+    `"gpu"` decodes each split once and serves `DeviceBatches` augmented by `batch_augment`
+    (see `cached.py`).
+    """
 
     tasks: tuple[str, ...] = ("classification",)
     required: tuple[str, ...] = ()  # data.* keys this dataset cannot do without
@@ -50,11 +62,16 @@ class ShardDataModule(pl.LightningDataModule):
         eval_transform=None,
         batch_size: int = 128,
         num_workers: int = 0,
+        cache: str = "none",
+        batch_augment: BatchAugment | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.store, self.dataset_id, self.cache_dir = store, dataset_id, Path(cache_dir)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.cache, self.batch_augment, self.seed = check_cache_mode(cache), batch_augment, seed
+        self.cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.manifest = load_manifest(store, dataset_id)
         self.classes: list[str] = self.manifest["classes"]
         self.image_size: int = self.manifest["image_size"]
@@ -76,7 +93,34 @@ class ShardDataModule(pl.LightningDataModule):
             self.datasets[split] = ShardDataset(paths, tf)
         return self.datasets[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def decoded(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split as uint8 images (N, 3, S, S) and labels, decoded once, on the cache device."""
+        if split not in self.cached:
+            trainer = self.trainer
+            device = cache_device(self.cache, trainer.strategy.root_device if trainer else None)
+            paths = fetch_shards(self.store, self.manifest, split, self.cache_dir)
+            images, labels = decode_shards(paths, self.image_size)
+            self.cached[split] = images.to(device), labels.to(device)
+        return self.cached[split]
+
+    def _device_batches(self, split: str, train: bool) -> DeviceBatches:
+        images, labels = self.decoded(split)
+        trainer = self.trainer
+        return DeviceBatches(
+            images,
+            labels,
+            self.batch_size,
+            shuffle=train,
+            augment=self.batch_augment if train else None,
+            drop_last=train,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceBatches:
+        if self.cache != "none":
+            return self._device_batches(split, train=shuffle)
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
@@ -87,13 +131,13 @@ class ShardDataModule(pl.LightningDataModule):
             drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("test", shuffle=False)
 
 

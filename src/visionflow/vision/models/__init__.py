@@ -1,3 +1,3 @@
 """Model builders, registered in `visionflow.core.registry.MODELS`."""
 
-from visionflow.vision.models import classification  # noqa: F401  (registers models)
+from visionflow.vision.models import classification, fast  # noqa: F401  (registers models)

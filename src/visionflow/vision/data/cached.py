@@ -1,0 +1,214 @@
+"""Decoded-once datasets served from memory or the GPU, augmented there (`data.cache`).
+
+`data.cache=none` is the shard path: DataLoader workers decode and augment every image every
+epoch. For small images that path is bound by the CPU long before the GPU is busy. With
+`memory` or `gpu`, a split's shards are decoded once into one uint8 tensor (N, 3, H, W), kept in
+CPU memory or on the GPU, and whole batches are cut from it, augmented on that device (random
+translation with reflect padding, horizontal flip) and converted to float [0, 1] there.
+
+`DeviceBatches` is a plain iterable with a length, which Lightning's Trainer accepts in place
+of a DataLoader: batches already on the model's device pass through its `batch_to_device`
+unchanged. Epochs reshuffle through `sampler.set_epoch`, which the Trainer calls as it does
+for a DistributedSampler.
+
+Limits:
+- The whole split must fit in memory (CIFAR-10's 50,000 images: 150 MB); under DDP each rank
+  holds a full copy and takes its share of indices per epoch (like DistributedSampler: the
+  same seeded permutation everywhere, every `world_size`-th index; evaluation pads with
+  repeated samples so every rank runs the same number of steps).
+- Training drops the last partial batch (a different remainder each epoch): fixed batch shapes
+  keep a compiled network from recompiling.
+- Only `resize`, `random_crop` (as a translation) and `horizontal_flip` have a batched
+  version; other transforms fail with a message naming these.
+- Images are resized to `image_size` once, when decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from visionflow.core.config import ConfigError
+from visionflow.vision.data.shards import ShardDataset
+
+log = logging.getLogger("visionflow.data")
+
+CACHE_MODES = ("none", "memory", "gpu")
+
+
+def check_cache_mode(mode: str) -> str:
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"data.cache={mode!r} is not supported; use one of {CACHE_MODES}")
+    return mode
+
+
+def cache_device(mode: str, preferred: torch.device | None = None) -> torch.device:
+    """Where `mode` keeps the data: the trainer's CUDA device for `gpu`, else the CPU."""
+    if mode == "gpu" and torch.cuda.is_available():
+        if preferred is not None and preferred.type == "cuda":
+            return preferred
+        return torch.device("cuda", torch.cuda.current_device())
+    if mode == "gpu":
+        log.warning("data.cache=gpu without CUDA: caching in CPU memory instead")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """Random translation by up to `translate` pixels (reflect padding) and horizontal flips,
+    applied to a whole uint8 batch at once on the batch's device."""
+
+    translate: int = 0
+    flip_p: float = 0.0
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, c, h, w = images.shape
+        dev = images.device
+        if self.flip_p > 0:
+            flip = torch.rand(n, device=dev, generator=generator) < self.flip_p
+            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        if self.translate > 0:
+            t = self.translate
+            # reflect padding is not implemented for uint8: pad as float16, exact for 0..255
+            padded = torch.nn.functional.pad(images.half(), (t, t, t, t), mode="reflect")
+            padded = padded.to(images.dtype)
+            dy, dx = torch.randint(0, 2 * t + 1, (2, n, 1), device=dev, generator=generator)
+            rows = (torch.arange(h, device=dev) + dy)[:, None, :, None]  # (n, 1, h, 1)
+            cols = (torch.arange(w, device=dev) + dx)[:, None, None, :]  # (n, 1, 1, w)
+            batch = torch.arange(n, device=dev)[:, None, None, None]
+            chans = torch.arange(c, device=dev)[None, :, None, None]
+            images = padded[batch, chans, rows, cols]
+        return images
+
+
+def batch_augment_from(steps: Sequence[dict[str, Any]], where: str) -> BatchAugment:
+    """The batched equivalent of a `transforms.*` list (see module docstring for what maps)."""
+    translate, flip_p = 0, 0.0
+    for i, step in enumerate(steps):
+        params = dict(step)
+        name = params.pop("name", None)
+        if name == "resize" and not params:
+            continue  # images are cached at image_size
+        if name == "random_crop" and set(params) <= {"padding"}:
+            translate = int(params.get("padding", 4))
+        elif name == "horizontal_flip" and set(params) <= {"p"}:
+            flip_p = float(params.get("p", 0.5))
+        else:
+            raise ConfigError(
+                f"{where}[{i}]: {step} has no batched version for data.cache; supported: "
+                "resize, random_crop(padding), horizontal_flip(p); or set data.cache=none"
+            )
+    return BatchAugment(translate, flip_p)
+
+
+def decode_shards(shards: list[Path], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a split's shards as uint8 (N, 3, S, S) and their labels (N,), on the CPU."""
+    data = ShardDataset(shards)
+    n = len(data)
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    started = time.monotonic()
+    with _ShardReader(data) as read:
+        for i, entry in enumerate(data.entries):
+            image = Image.open(io.BytesIO(read(entry))).convert("RGB")
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            images[i] = np.asarray(image)
+    log.info("decoded %d images in %.1fs", n, time.monotonic() - started)
+    labels = torch.tensor(data.labels, dtype=torch.long)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
+
+
+class _ShardReader:
+    """Reads entries' bytes with one open file per shard."""
+
+    def __init__(self, data: ShardDataset) -> None:
+        self.files = [open(p, "rb") for p in data.shards]  # noqa: SIM115
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files:
+            f.close()
+
+    def __call__(self, entry) -> bytes:
+        f = self.files[entry.shard]
+        f.seek(entry.offset)
+        return f.read(entry.size)
+
+
+class ShardedIndices:
+    """This rank's sample indices for an epoch: a seeded permutation shared by all ranks (or
+    the natural order), every `world_size`-th index from `rank`. `set_epoch` reseeds it."""
+
+    def __init__(
+        self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.per_rank = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        pad = self.per_rank * self.world_size - self.n
+        if pad:  # every rank gets the same count: repeat the first samples
+            order = torch.cat([order, order[:pad]])
+        return order[self.rank :: self.world_size]
+
+
+class DeviceBatches:
+    """Batches of (float images in [0, 1], labels) cut from a cached uint8 tensor on its device.
+
+    Iterating runs one epoch; without a `set_epoch` call in between, the next iteration is the
+    next epoch (a new shuffle).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        augment: BatchAugment | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels = images, labels.to(images.device)
+        self.batch_size, self.augment, self.drop_last = batch_size, augment, drop_last
+        self.sampler = ShardedIndices(len(images), shuffle, seed, rank, world_size)
+        self.batch_sampler = None  # Lightning reads both of a DataLoader's sampler attributes
+        self.generator = torch.Generator(images.device).manual_seed(seed + 1 + rank)
+
+    def __len__(self) -> int:
+        n = self.sampler.per_rank
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.sampler.indices().to(self.images.device)
+        self.sampler.epoch += 1
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images[idx]
+            if self.augment is not None:
+                images = self.augment(images, self.generator)
+            yield images.float().div_(255), self.labels[idx]
