@@ -6,6 +6,7 @@ callbacks); visionflow's own parts come from the registries by name.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -30,8 +31,11 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
+def build_model(model_cfg: Any, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """The registered network; a builder that takes `image_size` (e.g. ViT) gets the data's."""
     builder, params = model_params(_plain(model_cfg))
+    if image_size is not None and "image_size" in inspect.signature(builder).parameters:
+        params.setdefault("image_size", image_size)
     return builder(num_classes=num_classes, **params)
 
 

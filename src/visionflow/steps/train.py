@@ -76,7 +76,7 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
     dm = build_datamodule(cfg, store, dataset_id)
     check_datamodule(dm, "classification")
-    net = build_model(cfg.model, num_classes=len(dm.classes))
+    net = build_model(cfg.model, num_classes=len(dm.classes), image_size=dm.image_size)
     check_classifier(net, len(dm.classes), dm.image_size)
     spec = {
         "task": "classification",

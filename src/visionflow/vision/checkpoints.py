@@ -26,7 +26,9 @@ def load_classifier(
         raise ValueError(
             f"{checkpoint_uri} is not a visionflow checkpoint (no 'visionflow' spec inside)"
         )
-    net = build_model(spec["model"], num_classes=len(spec["classes"]))
+    net = build_model(
+        spec["model"], num_classes=len(spec["classes"]), image_size=spec["image_size"]
+    )
     weights = {
         k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
     }

@@ -8,6 +8,8 @@ needs no preprocessing constants beyond the image size.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torchvision
 from torch import nn
@@ -96,3 +98,56 @@ def resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
 @MODELS.register("mobilenet_v3_small")
 def mobilenet_v3_small(num_classes: int, pretrained: bool = False) -> nn.Module:
     return _torchvision("mobilenet_v3_small", num_classes, pretrained)
+
+
+@MODELS.register("mobilenet_v3_large")
+def mobilenet_v3_large(num_classes: int, pretrained: bool = False) -> nn.Module:
+    return _torchvision("mobilenet_v3_large", num_classes, pretrained)
+
+
+@MODELS.register("efficientnet_b0")
+def efficientnet_b0(num_classes: int, pretrained: bool = False) -> nn.Module:
+    return _torchvision("efficientnet_b0", num_classes, pretrained)
+
+
+@MODELS.register("convnext_tiny")
+def convnext_tiny(num_classes: int, pretrained: bool = False) -> nn.Module:
+    return _torchvision("convnext_tiny", num_classes, pretrained)
+
+
+@MODELS.register("vit_b_16")
+def vit_b_16(num_classes: int, image_size: int = 224, pretrained: bool = False) -> nn.Module:
+    """ViT-B/16; its position embeddings fix the input size (filled in from data.image_size)."""
+    if pretrained:
+        if image_size != 224:
+            raise ValueError("pretrained vit_b_16 weights are for 224 px images")
+        return _torchvision("vit_b_16", num_classes, pretrained)
+    net = torchvision.models.vit_b_16(weights=None, num_classes=num_classes, image_size=image_size)
+    return Normalized(net)
+
+
+@MODELS.register("cifar_resnet18")
+def cifar_resnet18(num_classes: int) -> nn.Module:
+    """ResNet-18 for 32 px inputs: a 3x3 stride-1 stem and no max pooling (as in the CIFAR
+    literature), so the last stage still sees 4x4 features instead of 1x1."""
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return Normalized(net, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+@MODELS.register("timm")
+def timm_model(
+    num_classes: int, timm_name: str = "resnet18", pretrained: bool = False
+) -> nn.Module:
+    """Any timm model by name (`model=timm model.timm_name=convnext_nano`). Pretrained weights
+    download from the Hugging Face hub on first use, so they stay off by default."""
+    import timm
+
+    if timm_name not in timm.list_models():
+        family = re.match(r"[a-z]*", timm_name.lower()).group()  # resnet9000 -> resnet
+        close = timm.list_models(f"*{family}*")[:10] if family else []
+        raise ValueError(f"unknown timm model {timm_name!r}; similar: {', '.join(close) or 'none'}")
+    net = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes)
+    cfg = net.pretrained_cfg
+    return Normalized(net, mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
