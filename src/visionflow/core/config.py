@@ -58,7 +58,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     deterministic: bool = False
     gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None  # norm (Lightning's default) | value
     accumulate_grad_batches: int = 1
+    sync_batchnorm: bool = False  # BatchNorm statistics over all processes (DDP)
     limit_train_batches: Any = None
     limit_val_batches: Any = None
 
