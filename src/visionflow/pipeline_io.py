@@ -32,7 +32,11 @@ def write_pointer(artifact, uri: str, **metadata: Any) -> None:
 
 
 def uri_of(artifact) -> str:
-    return artifact.metadata.get("uri") or json.load(open(artifact.path))["uri"]
+    """The store URI an upstream artifact points at (metadata first, else its JSON file)."""
+    if uri := artifact.metadata.get("uri"):
+        return uri
+    with open(artifact.path) as f:
+        return json.load(f)["uri"]
 
 
 # Pipeline parameter -> Hydra override. A parameter left at its "unset" value (empty, 0, or
