@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from visionflow import logs
+from visionflow.runs import STEPS
 
-STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
 

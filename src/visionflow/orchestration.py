@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.core.config import load_config
-from visionflow.runs import write_summary
+from visionflow.runs import STEPS, write_summary
 
 log = logging.getLogger("visionflow.pipeline")
 
@@ -32,7 +32,7 @@ def compile_pipeline(path: Path) -> Path:
     return path
 
 
-COMPONENTS = ("configure", "prepare", "train", "evaluate", "export", "quantize", "register")
+COMPONENTS = ("configure", *STEPS)
 
 
 def compile_all(directory: Path) -> list[Path]:
