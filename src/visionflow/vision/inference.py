@@ -42,6 +42,9 @@ def ort_session(path: str | Path, threads: int | None = None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     opts.log_severity_level = 3
+    # Idle ORT workers busy-wait by default: with two sessions timed side by side (quantize's
+    # fp32 vs int8), the idle one's spinning threads steal the cores the other is measured on.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
