@@ -35,6 +35,10 @@ class DataConfig:
     num_samples: int = 6000  # shapes
     num_classes: int = 5  # shapes
     max_per_class: int | None = None  # imagefolder: subsample each class
+    max_samples: int | None = None  # any source: keep this many samples (a fixed subset by seed)
+    annotations: str | None = None  # coco: the instances JSON for `root` (local or s3://)
+    test_annotations: str | None = None  # coco: the instances JSON for `test_root`
+    download: bool = False  # cifar10/cifar100: fetch the archive into `root` if it is missing
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     max_bad_fraction: float = 0.05  # prepare fails when more of the source is unreadable
@@ -78,12 +82,16 @@ class TrainConfig:
 
     channels_last: bool = False  # NHWC memory layout for the network and its inputs
     compile: bool = False  # torch.compile the network (the first steps pay for compilation)
+    # Recompute block activations in the backward pass: less memory, about a third more time.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
 class TransformsConfig:
     train: list[dict[str, Any]] = field(default_factory=list)
     eval: list[dict[str, Any]] = field(default_factory=list)
+    # Whole-batch transforms on training batches (MixUp, CutMix): classification only.
+    batch: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
