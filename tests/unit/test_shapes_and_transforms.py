@@ -41,7 +41,7 @@ def test_unknown_transform_and_bad_parameter_fail_at_config_time():
         build_transform([{"name": "blur"}], 32, "transforms.train")
     with pytest.raises(
         ConfigError,
-        match=r"transforms.eval\[1\] \(random_crop\): .*'pad'.*accepted parameters: \['padding'\]",
+        match=r"transforms.eval\[1\] \(random_crop\): .*'pad'.*accepted parameters: \['padding', 'padding_mode'\]",
     ):
         build_transform(
             [{"name": "resize"}, {"name": "random_crop", "pad": 1}], 32, "transforms.eval"
