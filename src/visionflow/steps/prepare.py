@@ -41,7 +41,8 @@ def prepare(cfg) -> PrepareResult:
     """Read, validate, split and shard `cfg.data`; write shards then the manifest."""
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
     data = cfg.data
-    classes, samples = datamodule_class(data.name).raw_samples(data, cfg.seed)
+    source = datamodule_class(data.name)
+    classes, samples = source.raw_samples(data, cfg.seed)
     samples = list(samples)
     if not samples:
         raise PrepareError(f"no samples in {data.root or data.name}")
@@ -65,8 +66,7 @@ def prepare(cfg) -> PrepareResult:
         manifest = {
             "format": "webdataset",
             "version": 1,
-            "task_labels": ["classification"]
-            + (["boxes", "masks"] if data.name == "shapes" else []),
+            "tasks": list(source.tasks),
             "source": data.root or f"{data.name}:seed={cfg.seed}",
             "test_source": data.test_root,
             "seed": cfg.seed,
@@ -174,6 +174,7 @@ def _write_shards(samples, splits, tmp: Path, per_shard: int):
                 continue
             record = {"__key__": f"{i:08d}", ext: data, "cls": str(sample.label).encode()}
             for field, value in sample.extra.items():
+                value = value() if callable(value) else value
                 record[field] = value if isinstance(value, bytes) else json.dumps(value).encode()
             writers[split].write(record)
             counts[split][sample.label] += 1

@@ -39,7 +39,10 @@ class RawSample:
     read: Callable[[], bytes]
     ext: str
     split: str | None = None  # fixed split ("test" for data.test_root), else None
-    extra: dict[str, Any] = field(default_factory=dict)  # more fields for the shard
+    # More fields for the shard: `json` ({"boxes": [[x0, y0, x1, y1], ...] in pixels, "labels":
+    # [class, ...]}) and `mask.png` (8-bit: 0 background, class + 1, 255 ignore). A value may be
+    # a function returning it, called when the shard is written, so big sources stay lazy.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -65,8 +68,11 @@ class ShardDataModule(pl.LightningDataModule):
         cache: str = "none",
         batch_augment: BatchAugment | None = None,
         seed: int = 0,
+        task: str = "classification",
+        collate_fn=None,
     ) -> None:
         super().__init__()
+        self.task, self.collate_fn = task, collate_fn
         self.store, self.dataset_id, self.cache_dir = store, dataset_id, Path(cache_dir)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -90,7 +96,7 @@ class ShardDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             paths = fetch_shards(self.store, self.manifest, split, self.cache_dir)
             tf = self.train_transform if split == "train" else self.eval_transform
-            self.datasets[split] = ShardDataset(paths, tf)
+            self.datasets[split] = ShardDataset(paths, tf, self.task)
         return self.datasets[split]
 
     def decoded(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +135,7 @@ class ShardDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
+            collate_fn=self.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
@@ -159,10 +166,18 @@ class ShapesDataModule(ShardDataModule):
                     label=s.label,
                     read=lambda s=s: _png(s.image),
                     ext="png",
-                    extra={"json": {"box": list(s.box)}, "mask.png": _png(s.mask)},
+                    extra={
+                        "json": {"boxes": [list(s.box)], "labels": [s.label]},
+                        "mask.png": lambda s=s: _png(_class_mask(s.mask, s.label)),
+                    },
                 )
 
         return list(SHAPE_CLASSES[:n_classes]), gen()
+
+
+def _class_mask(mask, label: int):
+    """Shapes draw a 0/255 mask; shards carry class masks: 0 background, class + 1 inside."""
+    return mask.point(lambda v: label + 1 if v >= 128 else 0)
 
 
 def _png(image) -> bytes:

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from visionflow.storage import ArtifactStore, StorageError, sha256_file
 
@@ -76,35 +79,66 @@ class _Entry:
     offset: int
     size: int
     label: int
+    boxes: tuple[int, int] | None = None  # (offset, size) of the sample's `json` member
+    mask: tuple[int, int] | None = None  # (offset, size) of its `mask.png` member
 
 
 class ShardDataset:
-    """Map-style dataset over local WebDataset shards: (image, label) pairs.
+    """Map-style dataset over local WebDataset shards: (image, target) pairs.
 
-    `transform` receives a PIL RGB image. Shards are opened lazily in each worker process.
+    The target depends on `task`:
+    - classification: the class index;
+    - detection: `{"boxes": BoundingBoxes (XYXY, pixels), "labels": int64}` with labels
+      shifted by one (0 is the background, as torchvision's detection models expect);
+    - segmentation: a `Mask` (H, W), int64: 0 background, class + 1, 255 ignore.
+    `transform` receives the PIL RGB image, and the target too for detection and segmentation,
+    so geometric transforms move boxes and masks with the image. Shards are opened lazily in
+    each worker process.
     """
 
-    def __init__(self, shards: list[Path], transform=None) -> None:
+    def __init__(self, shards: list[Path], transform=None, task: str = "classification") -> None:
         self.shards = [str(p) for p in shards]
-        self.transform = transform
+        self.transform, self.task = transform, task
         self.entries: list[_Entry] = []
         for i, path in enumerate(self.shards):
             self.entries.extend(_index(i, path))
+        if task == "detection" and any(e.boxes is None for e in self.entries):
+            raise ValueError(
+                "these shards carry no boxes (`json` members): not a detection dataset"
+            )
+        if task == "segmentation" and any(e.mask is None for e in self.entries):
+            raise ValueError("these shards carry no masks (`mask.png` members)")
         self._files: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _read(self, shard: int, where: tuple[int, int]) -> bytes:
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115
+        f.seek(where[0])
+        return f.read(where[1])
+
     def __getitem__(self, idx: int):
         e = self.entries[idx]
-        f = self._files.get(e.shard)
-        if f is None:
-            f = self._files[e.shard] = open(self.shards[e.shard], "rb")  # noqa: SIM115
-        f.seek(e.offset)
-        image = Image.open(io.BytesIO(f.read(e.size))).convert("RGB")
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, e.label
+        image = Image.open(io.BytesIO(self._read(e.shard, (e.offset, e.size)))).convert("RGB")
+        if self.task == "classification":
+            return (self.transform(image) if self.transform else image), e.label
+        if self.task == "detection":
+            ann = json.loads(self._read(e.shard, e.boxes))
+            target: Any = {
+                "boxes": tv_tensors.BoundingBoxes(
+                    torch.tensor(ann["boxes"], dtype=torch.float32).reshape(-1, 4),
+                    format="XYXY",
+                    canvas_size=(image.height, image.width),
+                ),
+                "labels": torch.tensor(ann["labels"], dtype=torch.int64) + 1,
+            }
+        else:
+            png = Image.open(io.BytesIO(self._read(e.shard, e.mask)))
+            target = tv_tensors.Mask(torch.from_numpy(np.array(png, dtype=np.int64)))
+        return self.transform(image, target) if self.transform else (image, target)
 
     @property
     def labels(self) -> list[int]:
@@ -116,16 +150,27 @@ class ShardDataset:
         return state
 
 
+def collate_detection(batch):
+    """Detection batches stay lists: images may differ in size, and so does each box count."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
 def _index(shard: int, path: str) -> list[_Entry]:
-    images: dict[str, tuple[int, int]] = {}
+    members: dict[str, dict[str, tuple[int, int]]] = {}
     labels: dict[str, int] = {}
     with tarfile.open(path) as tar:
         for m in tar.getmembers():
             if not m.isfile():
                 continue
             key, _, ext = m.name.partition(".")
-            if ext in IMAGE_EXTS:
-                images[key] = (m.offset_data, m.size)
-            elif ext == "cls":
+            if ext == "cls":
                 labels[key] = int(tar.extractfile(m).read())
-    return [_Entry(shard, *images[k], labels[k]) for k in sorted(images) if k in labels]
+            else:
+                field = "image" if ext in IMAGE_EXTS else ext
+                members.setdefault(key, {})[field] = (m.offset_data, m.size)
+    return [
+        _Entry(shard, *found["image"], labels[k], found.get("json"), found.get("mask.png"))
+        for k, found in sorted(members.items())
+        if k in labels and "image" in found
+    ]
