@@ -15,7 +15,7 @@ def configure(
     max_epochs: int,
     batch_size: int,
     learning_rate: float,
-    min_accuracy: float,
+    min_score: float,
     max_int8_drop: float,
     registered_model_name: str,
     overrides: list,
@@ -33,7 +33,7 @@ def configure(
         max_epochs: Training epochs; 0 keeps the config's.
         batch_size: Batch size; 0 keeps the config's.
         learning_rate: Peak learning rate; 0 keeps the config's.
-        min_accuracy: Quality gate on test accuracy; negative keeps the config's.
+        min_score: Quality gate on the task's main test metric (accuracy, mAP@.5, mIoU); negative keeps the config's.
         max_int8_drop: Largest allowed int8 accuracy drop in points; negative keeps the config's.
         registered_model_name: MLflow registered model name; empty: visionflow-<data>.
         overrides: More Hydra overrides (`key=value`), applied last.
@@ -46,7 +46,7 @@ def configure(
     resolved, run = configure_overrides(
         dict(data=data, data_root=data_root, data_test_root=data_test_root, model=model,
              max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-             min_accuracy=min_accuracy, max_int8_drop=max_int8_drop,
+             min_score=min_score, max_int8_drop=max_int8_drop,
              registered_model_name=registered_model_name),
         overrides, run_id or pipeline_job,
     )  # fmt: skip

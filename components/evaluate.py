@@ -15,30 +15,28 @@ def evaluate(
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
-) -> NamedTuple("Evaluation", gate_passed=bool, test_accuracy=float):
-    """Test accuracy, per-class precision/recall/F1, confusion matrix, and the quality gate.
+) -> NamedTuple("Evaluation", gate_passed=bool, score=float):
+    """The task's test metrics, per-class figures, a picture, and the quality gate.
 
     Args:
         overrides: Hydra overrides for this run.
         run_id: The run's id.
         dataset: The prepared dataset (its test split is used).
         model: The checkpoint to evaluate.
-        metrics: Test accuracy and per-class figures.
-        confusion: The confusion matrix, for the Kubeflow UI.
-        report: Confusion matrix picture and per-class table.
+        metrics: The task's test metrics (accuracy; mAP; mIoU) and per-class figures.
+        confusion: The confusion matrix, for the Kubeflow UI (classification only).
+        report: The evaluation picture and the per-class table.
     """
     from visionflow.pipeline_io import evaluation_html, step_config, uri_of
     from visionflow.steps.evaluate import evaluate as run
 
     cfg = step_config(overrides, run_id)
     r = run(cfg, dataset_id=dataset.metadata["dataset_id"], checkpoint_uri=uri_of(model))
-    metrics.log_metric("test_accuracy", r.test_accuracy)
+    for name, value in r.metrics.items():
+        metrics.log_metric("test_" + name.replace("/", "_"), value)
     metrics.log_metric("gate_passed", float(r.gate_passed))
-    for name, m in r.per_class.items():
-        metrics.log_metric(f"f1_{name}", m["f1"])
-    confusion.log_confusion_matrix(r.classes, r.confusion)
+    if r.confusion is not None:
+        confusion.log_confusion_matrix(r.classes, r.confusion)
     with open(report.path, "w") as f:
         f.write(evaluation_html(cfg, r))
-    return NamedTuple("Evaluation", gate_passed=bool, test_accuracy=float)(
-        r.gate_passed, r.test_accuracy
-    )
+    return NamedTuple("Evaluation", gate_passed=bool, score=float)(r.gate_passed, r.score)

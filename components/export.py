@@ -42,4 +42,4 @@ def export(
     )
     for name, p in (("onnx", r.onnx), ("torchscript", r.torchscript)):
         parity.log_metric(f"{name}_max_abs_diff", p.max_abs_diff)
-        parity.log_metric(f"{name}_top1_agreement", p.top1_agreement)
+        parity.log_metric(f"{name}_agreement", p.agreement)

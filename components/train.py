@@ -23,7 +23,7 @@ def train(
         run_id: The run's id.
         dataset: The prepared dataset.
         model: Points at the best checkpoint.
-        metrics: Best validation accuracy and training length.
+        metrics: The best value of the task's validation metric, and training length.
     """
     from visionflow.pipeline_io import step_config, write_pointer
     from visionflow.steps.train import train_anywhere
@@ -31,6 +31,7 @@ def train(
     cfg = step_config(overrides, run_id)
     r = train_anywhere(cfg, overrides, dataset_id=dataset.metadata["dataset_id"])
     write_pointer(model, r.checkpoint_uri, mlflow_run_id=r.mlflow_run_id, spec=r.spec,
-                  best_val_acc=r.best_val_acc, resumed_from_step=r.resumed_from_step)  # fmt: skip
-    metrics.log_metric("best_val_acc", r.best_val_acc)
+                  monitor=r.monitor, best_score=r.best_score,
+                  resumed_from_step=r.resumed_from_step)  # fmt: skip
+    metrics.log_metric("best_" + r.monitor.replace("/", "_"), r.best_score)
     metrics.log_metric("global_step", r.global_step)

@@ -42,7 +42,7 @@ def training_pipeline(
     max_epochs: int = 0,
     batch_size: int = 0,
     learning_rate: float = 0.0,
-    min_accuracy: float = -1.0,
+    min_score: float = -1.0,
     max_int8_drop: float = -1.0,
     registered_model_name: str = "",
     overrides: list = [],  # noqa: B006  (KFP reads the default as the parameter's default)
@@ -51,7 +51,7 @@ def training_pipeline(
     cfg = configure(
         data=data, data_root=data_root, data_test_root=data_test_root, model=model,
         max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-        min_accuracy=min_accuracy, max_int8_drop=max_int8_drop,
+        min_score=min_score, max_int8_drop=max_int8_drop,
         registered_model_name=registered_model_name, overrides=overrides, run_id=run_id,
         pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     )  # fmt: skip

@@ -50,7 +50,7 @@ _KNOBS = {
     "max_epochs": "trainer.max_epochs={}",
     "batch_size": "data.batch_size={}",
     "learning_rate": "optim.optimizer.lr={}",
-    "min_accuracy": "evaluate.min_accuracy={}",
+    "min_score": "evaluate.min_score={}",
     "max_int8_drop": "quantize.max_accuracy_drop={}",
     "registered_model_name": "register.model_name={}",
 }
@@ -64,7 +64,7 @@ def configure_overrides(
     for name, value in knobs.items():
         if isinstance(value, str):
             unset = value == ""
-        elif name == "min_accuracy":  # 0 is a meaningful gate (no gate)
+        elif name == "min_score":  # 0 is a meaningful gate (no gate)
             unset = value < 0
         else:
             unset = value <= 0
@@ -92,24 +92,29 @@ def prepare_report(manifest: dict[str, Any]) -> str:
 
 
 def evaluation_html(cfg, result) -> str:
-    """The confusion matrix picture (inline) and the per-class table, for the Kubeflow UI."""
+    """The evaluation picture (inline) and the per-class table, for the Kubeflow UI."""
     import base64
     import html
 
     from visionflow.storage import split_uri
 
-    store, key = split_uri(result.confusion_png, cfg.storage.endpoint)
+    store, key = split_uri(result.figure_png, cfg.storage.endpoint)
     png = base64.b64encode(store.get_bytes(key)).decode()
+    columns = list(next(iter(result.per_class.values()), {}))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["class", *columns])
     rows = "".join(
-        f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
-        f"<td>{m['f1']:.3f}</td><td>{int(m['support'])}</td></tr>"
-        for c, m in result.per_class.items()
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{row[c]:.3f}</td>" for c in columns)
+        + "</tr>"
+        for name, row in result.per_class.items()
+    )
+    summary = ", ".join(
+        f"{html.escape(k)} {v:.4f}" for k, v in result.metrics.items() if "/" not in k
     )
     verdict = "passed" if result.gate_passed else "FAILED"
     return (
-        f"<html><body><h2>Test accuracy {result.test_accuracy:.4f}</h2>"
-        f"<p>Quality gate (&ge; {result.min_accuracy}): <b>{verdict}</b></p>"
+        f"<html><body><h2>Test {result.metric} {result.score:.4f}</h2><p>{summary}</p>"
+        f"<p>Quality gate (&ge; {result.min_score}): <b>{verdict}</b></p>"
         f'<img src="data:image/png;base64,{png}"/>'
-        "<table border=1><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-        f"{rows}</table></body></html>"
+        f"<table border=1><tr>{head}</tr>{rows}</table></body></html>"
     )

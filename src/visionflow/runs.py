@@ -38,30 +38,34 @@ def load_step(store: ArtifactStore, run_id: str, step: str) -> dict[str, Any]:
 def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, Any]:
     """The one-line summary of a finished run (see DESIGN.md, "Interfaces users rely on")."""
     r = {step: load_step(store, run_id, step) for step in STEPS}
+    evaluation, quantized = r["evaluate"], r["quantize"]
     return {
         "tracking_uri": tracking_uri,
         "run_id": r["train"]["mlflow_run_id"],
         "visionflow_run_id": run_id,
+        "task": evaluation["task"],
         "model_name": r["register"]["model_name"],
         "model_version": r["register"]["model_version"],
         "champion": r["register"]["champion"],
         "champion_version": r["register"]["champion_version"],
         "champion_reason": r["register"]["reason"],
-        "gate_passed": r["evaluate"]["gate_passed"],
-        "test_accuracy": r["evaluate"]["test_accuracy"],
+        "gate_passed": evaluation["gate_passed"],
+        # the task's main metric: test_accuracy, test_map_50 or test_miou
+        f"test_{evaluation['metric']}": evaluation["score"],
         "onnx_max_abs_diff": r["export"]["onnx"]["max_abs_diff"],
         "torchscript_max_abs_diff": r["export"]["torchscript"]["max_abs_diff"],
-        "int8_accuracy_drop": r["quantize"]["accuracy_drop"],
-        "int8_speedup_b1": r["quantize"]["speedup_b1"],
-        "int8_speedup_b64": r["quantize"]["speedup_b64"],
+        "int8": quantized["reason"] or "measured",
+        "int8_accuracy_drop": quantized["accuracy_drop"],
+        "int8_speedup_b1": quantized["speedup_b1"],
+        "int8_speedup_b64": quantized["speedup_b64"],
         "dataset_id": r["prepare"]["dataset_id"],
         "artifacts": {
             "dataset": r["prepare"]["uri"],
             "checkpoint": r["train"]["checkpoint_uri"],
             "onnx": r["export"]["onnx_uri"],
             "torchscript": r["export"]["torchscript_uri"],
-            "onnx_int8": r["quantize"]["int8_uri"],
-            "confusion_matrix": r["evaluate"]["confusion_png"],
+            "onnx_int8": quantized["int8_uri"],
+            "evaluation_figure": evaluation["figure_png"],
             "registered_model": r["register"]["model_uri"],
         },
     }

@@ -22,7 +22,7 @@ def test_alias_moves_only_to_a_better_version(tmp_path):
     assert not same.champion and "does not beat" in same.reason  # equal is not better
     cfg, second = _run(tmp_path, "strong", "trainer.max_epochs=4")
     assert second.model_version == 3
-    better = second.test_accuracy_onnx > second.champion_accuracy
+    better = second.score_onnx > second.champion_score
     assert second.champion == better
     mlflow.set_tracking_uri(cfg.tracking.uri)
     alias = mlflow.MlflowClient().get_model_version_by_alias("visionflow-shapes", "champion")
@@ -30,6 +30,6 @@ def test_alias_moves_only_to_a_better_version(tmp_path):
 
 
 def test_a_version_that_fails_the_gate_never_becomes_champion(tmp_path):
-    _, r = _run(tmp_path, "gated", "evaluate.min_accuracy=1.01")
+    _, r = _run(tmp_path, "gated", "evaluate.min_score=1.01")
     assert not r.champion and "quality gate failed" in r.reason
     assert r.champion_version is None

@@ -7,7 +7,20 @@ from visionflow.core.factories import build_model
 from visionflow.core.registry import MODELS
 
 
-@pytest.mark.parametrize("name", MODELS.list())
+def _task(name: str) -> str:
+    return getattr(MODELS.get(name), "task", "classification")
+
+
+CLASSIFIERS = [n for n in MODELS.list() if _task(n) == "classification"]
+DETECTORS = [n for n in MODELS.list() if _task(n) == "detection"]
+SEGMENTERS = [n for n in MODELS.list() if _task(n) == "segmentation"]
+
+
+def test_every_task_has_models():
+    assert len(CLASSIFIERS) >= 10 and len(DETECTORS) >= 3 and len(SEGMENTERS) >= 3
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_forward_backward(name):
     torch.manual_seed(0)
     net = build_model({"name": name}, num_classes=4, image_size=64).train()
@@ -31,3 +44,50 @@ def test_any_timm_model_by_name_and_a_clear_error_for_unknown_ones():
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 3)
     with pytest.raises(ValueError, match=r"unknown timm model 'resnet9000'; similar: .*resnet"):
         build_model({"name": "timm", "timm_name": "resnet9000"}, num_classes=3)
+
+
+def _backward_reaches_every_parameter(net, loss) -> None:
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_detectors_train_on_targets_and_detect_in_eval(name):
+    torch.manual_seed(0)
+    net = build_model({"name": name}, num_classes=3).train()
+    images = [torch.rand(3, 96, 96), torch.rand(3, 96, 96)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 5.0, 90.0, 40.0], [5.0, 50.0, 40.0, 90.0]]),
+         "labels": torch.tensor([3, 2])},
+    ]  # fmt: skip
+    losses = net(images, targets)
+    assert len(losses) >= 2 and all(torch.isfinite(v) for v in losses.values())
+    _backward_reaches_every_parameter(net, sum(losses.values()))
+    with torch.no_grad():
+        out = net.eval()(images)
+    assert len(out) == 2 and set(out[0]) == {"boxes", "labels", "scores"}
+    assert all(int(label) in (1, 2, 3) for d in out for label in d["labels"])  # 0: background
+
+
+@pytest.mark.parametrize("name", SEGMENTERS)
+def test_segmenters_predict_every_pixel_with_a_background_class(name):
+    torch.manual_seed(0)
+    net = build_model({"name": name}, num_classes=3).train()
+    logits = net(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 4, 64, 64)  # 3 classes and the background
+    masks = torch.randint(0, 4, (2, 64, 64))
+    masks[:, :4] = 255  # ignored
+    loss = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255)
+    _backward_reaches_every_parameter(net, loss)
+
+
+def test_detector_options_fail_clearly():
+    from visionflow.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="anchor_sizes has 2 sizes; the FPN has 3 levels"):
+        build_model({"name": "fasterrcnn_mobilenet_v3", "anchor_sizes": [32, 64]}, num_classes=2)
+    with pytest.raises(ConfigError, match=r"strides=\[8, 7\]: give increasing strides from"):
+        build_model({"name": "fasterrcnn_mobilenet_v3", "strides": [8, 7]}, num_classes=2)

@@ -8,7 +8,7 @@ from visionflow.orchestration import compile_pipeline
 from visionflow.pipeline_io import configure_overrides
 
 KNOBS = {"data", "data_root", "data_test_root", "model", "max_epochs", "batch_size", "learning_rate",
-         "min_accuracy", "max_int8_drop", "registered_model_name", "overrides", "run_id"}  # fmt: skip
+         "min_score", "max_int8_drop", "registered_model_name", "overrides", "run_id"}  # fmt: skip
 
 
 def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypatch):
@@ -53,10 +53,10 @@ def test_components_only_call_into_the_package(tmp_path):
 
 def test_unset_parameters_keep_the_config_and_overrides_come_last():
     knobs = dict(data="imagefolder", data_root="/d", data_test_root="", model="", max_epochs=0,
-                 batch_size=64, learning_rate=0.0, min_accuracy=0.0, max_int8_drop=-1.0,
+                 batch_size=64, learning_rate=0.0, min_score=0.0, max_int8_drop=-1.0,
                  registered_model_name="")  # fmt: skip
     overrides, run_id = configure_overrides(knobs, ["trainer.max_epochs=2"], "job-7")
-    assert overrides == ["data=imagefolder", "data.root=/d", "data.batch_size=64", "evaluate.min_accuracy=0.0",
+    assert overrides == ["data=imagefolder", "data.root=/d", "data.batch_size=64", "evaluate.min_score=0.0",
                          "trainer.max_epochs=2"]  # fmt: skip
     assert run_id == "job-7"
     assert configure_overrides({k: v for k, v in knobs.items() if k != "data"}, [], "")[

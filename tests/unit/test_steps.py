@@ -62,9 +62,10 @@ def test_evaluate_reports_a_consistent_confusion_matrix(tiny_run):
     e = r["evaluate"]
     confusion = np.array(e.confusion)
     assert confusion.sum() == 60
-    assert e.test_accuracy == pytest.approx(np.trace(confusion) / 60)
+    assert e.task == "classification" and e.metric == "accuracy"
+    assert e.score == pytest.approx(np.trace(confusion) / 60)
     assert set(e.per_class) == set(e.classes)
-    assert e.gate_passed == (e.test_accuracy >= cfg.evaluate.min_accuracy)
+    assert e.gate_passed == (e.score >= cfg.evaluate.min_score)
     assert (
         open_store(cfg.storage.root).get_bytes("runs/tiny-1/confusion_matrix.png")[:4] == b"\x89PNG"
     )
@@ -73,7 +74,7 @@ def test_evaluate_reports_a_consistent_confusion_matrix(tiny_run):
 def test_export_matches_pytorch_and_has_a_dynamic_batch(tiny_run, tmp_path):
     cfg, r = tiny_run
     x = r["export"]
-    assert x.onnx.max_abs_diff <= 1e-4 and x.onnx.top1_agreement >= 0.999
+    assert x.onnx.max_abs_diff <= 1e-4 and x.onnx.agreement >= 0.999
     assert x.torchscript.max_abs_diff <= 1e-4
     store = open_store(cfg.storage.root)
     local = store.get_file("models/tiny-1/model.onnx", tmp_path / "m.onnx")
@@ -89,7 +90,8 @@ def test_quantize_measures_int8_against_fp32(tiny_run):
     assert open_store(cfg.storage.root).exists("models/tiny-1/model.int8.onnx")
     assert set(q.latency_ms) == {"fp32_b1", "int8_b1", "fp32_b64", "int8_b64"}
     assert q.speedup_b64 == pytest.approx(q.latency_ms["fp32_b64"] / q.latency_ms["int8_b64"])
-    assert q.accuracy_drop == pytest.approx((q.fp32_accuracy - q.int8_accuracy) * 100)
+    assert q.supported and q.metric == "accuracy"
+    assert q.accuracy_drop == pytest.approx((q.fp32_score - q.int8_score) * 100)
 
 
 def test_quantize_fails_past_the_accuracy_bound_and_stores_nothing(tiny_run):
@@ -130,7 +132,7 @@ def test_summary_has_every_promised_field(tiny_run):
 
     cfg, _ = tiny_run
     s = summary(open_store(cfg.storage.root), "tiny-1", cfg.tracking.uri)
-    for key in ("tracking_uri", "run_id", "model_name", "model_version", "champion", "test_accuracy",
+    for key in ("tracking_uri", "run_id", "model_name", "model_version", "champion", "task", "test_accuracy",
                 "onnx_max_abs_diff", "torchscript_max_abs_diff", "int8_accuracy_drop", "int8_speedup_b64", "artifacts"):  # fmt: skip
         assert key in s
     json.dumps(s)

@@ -87,7 +87,7 @@ def _assert_same(a, b):
 
 def test_ema_weights_are_what_validation_checkpoints_and_evaluation_use(monkeypatch, prepared):
     from visionflow.storage import split_uri
-    from visionflow.vision.checkpoints import load_classifier
+    from visionflow.vision.checkpoints import load_network
 
     # With early stopping as well: its threshold is always met, so 1 of 3 epochs runs.
     result, built = _train(
@@ -103,7 +103,7 @@ def test_ema_weights_are_what_validation_checkpoints_and_evaluation_use(monkeypa
     assert int(ckpt["averaging_state"]["n_averaged"]) == 15  # one update per optimizer step
     raw = _net_weights(ckpt["current_model_state"])  # kept for resuming
     assert any(not torch.equal(raw[k], ema[k]) for k in ema if raw[k].is_floating_point())
-    net, _ = load_classifier(result.checkpoint_uri)  # what evaluate and export rebuild
+    net, _ = load_network(result.checkpoint_uri)  # what evaluate and export rebuild
     _assert_same(net.state_dict(), ema)
 
 
@@ -301,3 +301,102 @@ def test_label_smoothing_applies_to_the_training_loss_only(tmp_path):
     assert not torch.isclose(smoothed, plain)
     torch.testing.assert_close(train_loss, smoothed)
     torch.testing.assert_close(val_loss, plain)
+
+
+# ------------------------------------------------- gradient checkpointing, resizing, mixing
+
+
+@pytest.mark.parametrize("model", ["resnet18", "simple_cnn", "mobilenet_v3_small"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_parameter_names(tmp_path, model):
+    from visionflow.vision.models.checkpointing import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    plain = build_model({"name": model}, num_classes=5)
+    checkpointed = build_model({"name": model}, num_classes=5)
+    checkpointed.load_state_dict(plain.state_dict())
+    keys = list(checkpointed.state_dict())
+    assert enable_gradient_checkpointing(checkpointed) >= 4
+    assert list(checkpointed.state_dict()) == keys  # checkpoints load either way
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    for net in (plain, checkpointed):
+        torch.manual_seed(1)  # the same dropout masks for both
+        F.cross_entropy(net(x), y).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_gradient_checkpointing_recomputes_blocks_in_the_backward_pass(tmp_path):
+    from visionflow.vision.models.checkpointing import block_sequences
+
+    cfg = _config(tmp_path, "train.gradient_checkpointing=true")
+    module = ClassificationModule(
+        build_model({"name": "resnet18"}, num_classes=5), {}, to_container(cfg.optim),
+        **to_container(cfg.train),
+    )  # fmt: skip
+    block = block_sequences(module.net.net)[0][0]
+    calls = []
+    block.conv1.register_forward_hook(lambda *a: calls.append(1))
+    F.cross_entropy(module(torch.rand(2, 3, 32, 32)), torch.arange(2)).backward()
+    assert len(calls) == 2  # once forward, once again in backward
+
+
+def test_gradient_checkpointing_refuses_a_model_without_blocks():
+    from torch import nn
+
+    from visionflow.core.config import ConfigError
+    from visionflow.vision.models.checkpointing import enable_gradient_checkpointing
+
+    with pytest.raises(ConfigError, match="no sequence of blocks"):
+        enable_gradient_checkpointing(nn.Linear(3, 3))
+
+
+def test_progressive_resizing_trains_small_then_full_size(tmp_path):
+    from visionflow.callbacks.resizing import ProgressiveResizing
+
+    sizes: list[tuple[int, bool]] = []
+
+    class Sizes(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.net.register_forward_hook(
+                lambda m, i, o: sizes.append((i[0].shape[-1], m.training))
+            )
+
+    cfg = _config(tmp_path, "callbacks=progressive_resizing", "trainer.max_epochs=3",
+                  "callbacks.resize.sizes=[16,24]")  # fmt: skip
+    resize = next(c for c in build_callbacks(cfg.callbacks) if isinstance(c, ProgressiveResizing))
+    assert [resize.size_at(e) for e in range(4)] == [16, 24, None, None]
+    _fit_with(cfg, [resize, Sizes()], batches=2)
+    trained = [s for s, training in sizes if training]
+    assert trained == [16, 16, 24, 24, 32, 32]
+    assert {s for s, training in sizes if not training} == {32}  # validation at full size
+
+
+def test_mixup_trains_on_mixed_images_and_soft_labels(tmp_path):
+    from visionflow.core.factories import build_batch_transform
+
+    cfg = _config(tmp_path, "transforms.batch=[{name: mixup, alpha: 0.4}]")
+    mix = build_batch_transform(cfg, "classification", 5)
+    module = ClassificationModule(
+        build_model(cfg.model, num_classes=5), {}, to_container(cfg.optim), batch_transform=mix
+    )
+    seen = []
+    module.net.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    images, labels = torch.rand(8, 3, 32, 32), torch.arange(8) % 5
+    loss = module._step((images, labels), "train")
+    assert torch.isfinite(loss)
+    assert not torch.equal(seen[-1], images)  # training saw mixed images
+    module._step((images, labels), "val")
+    assert torch.equal(seen[-1], images)  # validation never mixes
+
+
+def _fit_with(cfg, callbacks, batches: int):
+    net = build_model(cfg.model, num_classes=5)
+    module = ClassificationModule(net, {}, to_container(cfg.optim))
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(
+        TensorDataset(torch.rand(4 * batches, 3, 32, 32, generator=gen),
+                      torch.randint(0, 5, (4 * batches,), generator=gen)), 4,
+    )  # fmt: skip
+    trainer = build_trainer(cfg, callbacks)
+    trainer.fit(module, loader, loader)
+    return trainer

@@ -108,13 +108,13 @@ class TrackingConfig:
 
 @dataclass
 class EvaluateConfig:
-    min_accuracy: float = 0.9
+    min_score: float = 0.9
 
 
 @dataclass
 class ExportConfig:
     atol: float = 1e-4
-    min_top1_agreement: float = 0.999
+    min_agreement: float = 0.999
     max_samples: int = 2000
 
 

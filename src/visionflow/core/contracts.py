@@ -64,6 +64,12 @@ def model_params(model_cfg: Mapping[str, Any]) -> tuple[Callable, dict[str, Any]
     return builder, params
 
 
+def model_task(model_cfg: Mapping[str, Any]) -> str:
+    """The task of the model a config names: its builder says (classification by default)."""
+    builder, _ = model_params(model_cfg)
+    return getattr(builder, "task", "classification")
+
+
 def _fits(value: Any, want: type) -> bool:
     if want is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
@@ -83,7 +89,7 @@ def check_datamodule(dm: Any, task: str) -> None:
         raise ConfigError(
             f"datamodule {type(dm).__name__} has no labels for {task}; it supports: {', '.join(dm.tasks)}"
         )
-    if len(dm.classes) < 2:
+    if task == "classification" and len(dm.classes) < 2:
         raise ValueError(f"a classifier needs at least 2 classes, the dataset has {dm.classes}")
 
 

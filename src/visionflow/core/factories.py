@@ -21,8 +21,9 @@ from torch import nn
 import visionflow.callbacks  # noqa: F401  (these imports fill the registries)
 import visionflow.vision.data  # noqa: F401
 import visionflow.vision.models  # noqa: F401
+import visionflow.vision.transforms  # noqa: F401
 from visionflow.core.config import ConfigError
-from visionflow.core.contracts import model_params
+from visionflow.core.contracts import model_params, model_task
 from visionflow.core.registry import CALLBACKS, DATAMODULES, UnknownNameError
 from visionflow.storage import ArtifactStore
 
@@ -39,13 +40,27 @@ def build_model(model_cfg: Any, num_classes: int, image_size: int | None = None)
     return builder(num_classes=num_classes, **params)
 
 
-def build_transforms(cfg: DictConfig):
+def build_transforms(cfg: DictConfig, task: str = "classification"):
     from visionflow.vision.transforms import build_transform
 
     size = cfg.data.image_size
-    train = build_transform(_plain(cfg.transforms.train), size, "transforms.train")
-    evaluate = build_transform(_plain(cfg.transforms.eval), size, "transforms.eval")
+    train = build_transform(_plain(cfg.transforms.train), size, "transforms.train", task=task)
+    evaluate = build_transform(_plain(cfg.transforms.eval), size, "transforms.eval", task=task)
     return train, evaluate
+
+
+def build_batch_transform(cfg: DictConfig, task: str, num_classes: int):
+    """MixUp/CutMix from `transforms.batch` (classification only), or None."""
+    from visionflow.vision.transforms.batch import build_batch_transform, check_batch_transforms
+
+    steps = _plain(cfg.transforms.batch)
+    check_batch_transforms(steps, task, "transforms.batch")
+    return build_batch_transform(steps, num_classes, "transforms.batch")
+
+
+def task_of(cfg: DictConfig) -> str:
+    """The run's task, from its model (classification, detection or segmentation)."""
+    return model_task(_plain(cfg.model))
 
 
 def datamodule_class(name: str):
@@ -55,18 +70,27 @@ def datamodule_class(name: str):
         raise ConfigError(f"data.name: {err}") from None
 
 
-def batch_augment(cfg: DictConfig):
+def batch_augment(cfg: DictConfig, task: str = "classification"):
     """The on-device augmentation for `data.cache` memory|gpu; None for the shard path."""
     from visionflow.vision.data.cached import batch_augment_from, check_cache_mode
 
     if check_cache_mode(cfg.data.cache) == "none":
         return None
+    if task != "classification":
+        raise ConfigError(
+            f"data.cache={cfg.data.cache} serves classification batches only; the model is "
+            f"for {task}: use data.cache=none"
+        )
     batch_augment_from(_plain(cfg.transforms.eval), "transforms.eval")  # only resize there
     return batch_augment_from(_plain(cfg.transforms.train), "transforms.train")
 
 
 def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str):
-    train_tf, eval_tf = build_transforms(cfg)
+    """The run's DataModule over a prepared dataset, serving targets for the model's task."""
+    from visionflow.vision.tasks import get_task
+
+    task = task_of(cfg)
+    train_tf, eval_tf = build_transforms(cfg, task)
     return datamodule_class(cfg.data.name)(
         store=store,
         dataset_id=dataset_id,
@@ -76,8 +100,10 @@ def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str):
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         cache=cfg.data.cache,
-        batch_augment=batch_augment(cfg),
+        batch_augment=batch_augment(cfg, task),
         seed=cfg.seed,
+        task=task,
+        collate_fn=get_task(task).collate(),
     )
 
 
@@ -152,12 +178,19 @@ def validate(cfg: DictConfig) -> None:
 
     Raises ConfigError naming the key; builds nothing heavier than the transforms.
     """
-    model_params(_plain(cfg.model))
-    for key in datamodule_class(cfg.data.name).required:
+    task = task_of(cfg)
+    source = datamodule_class(cfg.data.name)
+    if task not in source.tasks:
+        raise ConfigError(
+            f"model {cfg.model.name!r} is for {task}, but data={cfg.data.name} has labels for "
+            f"{', '.join(source.tasks)} only"
+        )
+    for key in source.required:
         if cfg.data.get(key) in (None, ""):
             raise ConfigError(f"data={cfg.data.name} needs data.{key}: set it, e.g. data.{key}=...")
-    build_transforms(cfg)
-    batch_augment(cfg)
+    build_transforms(cfg, task)
+    batch_augment(cfg, task)
+    build_batch_transform(cfg, task, max(cfg.data.num_classes, 2))
     for key, entry in (_plain(cfg.callbacks) or {}).items():
         if entry and "_target_" not in entry:
             try:

@@ -1,8 +1,11 @@
 """The MLflow pyfunc model that every registered version carries ("models from code").
 
 `mlflow.pyfunc.load_model("models:/<name>@champion")` returns it; `predict` takes float32 images
-(N, 3, H, W) in [0, 1] and returns logits. The model config chooses the file it runs:
-`variant: int8` (default) or `fp32`; the TorchScript file rides along for PyTorch servers.
+(N, 3, H, W) in [0, 1]. Classification returns logits (N, classes); segmentation logits
+(N, classes + 1, H, W) with class 0 the background; detection one
+`{"boxes", "labels", "scores"}` dict per image (labels from 1; 0 is the background). The model
+config chooses the file it runs: `variant: int8` (where the task has one) or `fp32`; the
+TorchScript file rides along for PyTorch servers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
-class OnnxClassifier(PythonModel):
+class OnnxModel(PythonModel):
     def load_context(self, context) -> None:
         import onnxruntime as ort
 
@@ -21,15 +24,24 @@ class OnnxClassifier(PythonModel):
         key = {"int8": "onnx_int8", "fp32": "onnx"}.get(variant)
         if key is None:
             raise ValueError(f"unknown variant {variant!r}; use 'int8' or 'fp32'")
+        if key not in context.artifacts:
+            raise ValueError(f"this model has no {variant} file; use variant 'fp32'")
+        self.task = config.get("task", "classification")
         self.classes = list(config.get("classes", []))
         self.session = ort.InferenceSession(
             context.artifacts[key], providers=["CPUExecutionProvider"]
         )
         self.input_name = self.session.get_inputs()[0].name
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):
         images = np.asarray(model_input, dtype=np.float32)
-        return self.session.run(None, {self.input_name: images})[0]
+        if self.task != "detection":
+            return self.session.run(None, {self.input_name: images})[0]
+        out = []
+        for image in images:  # the detection graph takes one image at a time
+            boxes, labels, scores = self.session.run(None, {self.input_name: image})
+            out.append({"boxes": boxes, "labels": labels, "scores": scores})
+        return out
 
 
-mlflow.models.set_model(OnnxClassifier())
+mlflow.models.set_model(OnnxModel())

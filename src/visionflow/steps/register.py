@@ -1,9 +1,10 @@
 """register: the model into the MLflow Model Registry, and the `champion` alias if it earns it.
 
-Each registered version is a pyfunc model (see serving/onnx_pyfunc.py) carrying the fp32 and
-int8 ONNX files and the TorchScript file, tagged with its lineage. The alias `champion` moves
-to the new version only if the quality gate passed and the new model is more accurate than the
-current champion on the same test split (both measured here, with ONNX Runtime).
+Each registered version is a pyfunc model (see serving/onnx_pyfunc.py) carrying the fp32 ONNX
+file, the int8 one where the task has it, and the TorchScript file, tagged with its lineage. The
+alias `champion` moves to the new version only if the quality gate passed and the new model
+scores higher on the task's main metric (accuracy, mAP@.5, mIoU) than the current champion on
+the same test split (both measured here, with ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from visionflow import tracking
 from visionflow.core.factories import build_datamodule
 from visionflow.runs import load_step, save_step
 from visionflow.storage import open_store, split_uri
-from visionflow.vision.inference import accuracy, collect, ort_predictor, ort_session
+from visionflow.vision.inference import ort_session
+from visionflow.vision.tasks import get_task
 
 log = logging.getLogger("visionflow.register")
 
@@ -37,12 +39,18 @@ class RegisterResult:
     champion: bool  # this version holds the alias now
     champion_version: int | None
     reason: str
-    test_accuracy_onnx: float
-    champion_accuracy: float | None
+    metric: str  # the task's main metric
+    score_onnx: float  # this version's, measured here
+    champion_score: float | None
 
 
 def model_name(cfg) -> str:
-    return cfg.register.model_name or f"visionflow-{cfg.data.name}"
+    """register.model_name, or visionflow-<data>[-<task> for detection and segmentation]."""
+    from visionflow.core.factories import task_of
+
+    task = task_of(cfg)
+    suffix = "" if task == "classification" else f"-{task}"
+    return cfg.register.model_name or f"visionflow-{cfg.data.name}{suffix}"
 
 
 def git_commit() -> str:
@@ -86,13 +94,15 @@ def register(
     torchscript_uri = torchscript_uri or rec["export"]["torchscript_uri"]
     gate_passed = rec["evaluate"]["gate_passed"] if gate_passed is None else gate_passed
     classes, image_size = rec["evaluate"]["classes"], rec["export"]["image_size"]
+    task = get_task(rec["export"]["task"])
     metrics = {
-        "eval_test_accuracy": rec["evaluate"]["test_accuracy"],
+        f"eval_test_{task.metric}": rec["evaluate"]["score"],
         "onnx_max_abs_diff": rec["export"]["onnx"]["max_abs_diff"],
         "torchscript_max_abs_diff": rec["export"]["torchscript"]["max_abs_diff"],
-        "int8_accuracy_drop": rec["quantize"]["accuracy_drop"],
-        "int8_speedup_b64": rec["quantize"]["speedup_b64"],
     }
+    if rec["quantize"]["supported"]:
+        metrics["int8_accuracy_drop"] = rec["quantize"]["accuracy_drop"]
+        metrics["int8_speedup_b64"] = rec["quantize"]["speedup_b64"]
     run_id = tracking.run_for(cfg)
     client = mlflow.MlflowClient()
     name = model_name(cfg)
@@ -105,22 +115,25 @@ def register(
             ("onnx_int8", int8_uri),
             ("torchscript", torchscript_uri),
         ):
-            src, k = split_uri(uri, cfg.storage.endpoint)
-            files[key] = str(src.get_file(k, Path(tmp) / Path(k).name))
-        logits, labels = collect(ort_predictor(ort_session(files["onnx"])), test)
-        new_acc = accuracy(logits, labels)
+            if uri:  # no int8 file where the task has none
+                src, k = split_uri(uri, cfg.storage.endpoint)
+                files[key] = str(src.get_file(k, Path(tmp) / Path(k).name))
+        predict = task.ort_predictor(ort_session(files["onnx"]))
+        new_score = task.evaluate(predict, test, classes)[0].score
         example = np.zeros((1, 3, image_size, image_size), np.float32)
+        output = task.example_output(predict, image_size)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_CODE),
                 artifacts=files,
                 model_config={
-                    "variant": "int8",
+                    "task": task.name,
+                    "variant": "int8" if "onnx_int8" in files else "fp32",
                     "classes": list(classes),
                     "image_size": image_size,
                 },
-                signature=infer_signature(example, logits[:1]),
+                signature=infer_signature(example, output if task.name != "detection" else None),
                 pip_requirements=["onnxruntime", "numpy"],
             )
     lineage = {
@@ -130,7 +143,8 @@ def register(
         "git_commit": git_commit(),
         "classes": ",".join(classes),
         "gate_passed": str(gate_passed).lower(),
-        "test_accuracy": f"{new_acc:.6f}",
+        "task": task.name,
+        f"test_{task.metric}": f"{new_score:.6f}",
         **{k: f"{v:.6g}" for k, v in metrics.items()},
     }
     version = mlflow.register_model(info.model_uri, name, tags=lineage)
@@ -142,24 +156,30 @@ def register(
         if err.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
             raise  # a real failure (server down, ...), not "no champion yet"
         current = None
-    champion_acc = None
+    champion_score = None
     if not gate_passed:
         promote, reason = (
             False,
-            f"quality gate failed (test accuracy below {cfg.evaluate.min_accuracy})",
+            f"quality gate failed (test {task.metric} below {cfg.evaluate.min_score})",
         )
     elif current is None:
         promote, reason = True, "first version to pass the gate"
-    elif current.tags.get("classes") != lineage["classes"]:
+    elif (
+        current.tags.get("classes") != lineage["classes"]
+        or current.tags.get("task", "classification") != task.name
+    ):
         promote, reason = (
             False,
-            f"champion v{current.version} predicts other classes; not comparable",
+            f"champion v{current.version} is another task or predicts other classes; not comparable",
         )
     else:
-        champion_acc = _accuracy_of(current, test, cfg.storage.endpoint)
-        promote = new_acc > champion_acc
+        champion_score = _score_of(current, task, test, classes)
+        promote = new_score > champion_score
         verdict = "beats" if promote else "does not beat"
-        reason = f"test accuracy {new_acc:.4f} {verdict} champion v{current.version} ({champion_acc:.4f}) on the same test split"
+        reason = (
+            f"test {task.metric} {new_score:.4f} {verdict} champion v{current.version} "
+            f"({champion_score:.4f}) on the same test split"
+        )
     if promote:
         client.set_registered_model_alias(name, CHAMPION, str(number))
     champion_version = (
@@ -176,15 +196,16 @@ def register(
         promote,
         champion_version,
         reason,
-        new_acc,
-        champion_acc,
+        task.metric,
+        new_score,
+        champion_score,
     )
     save_step(store, cfg.run_id, "register", result)
     return result
 
 
-def _accuracy_of(version, loader, endpoint) -> float:
-    """The registered version's fp32 ONNX accuracy on this loader's images."""
+def _score_of(version, task, loader, classes) -> float:
+    """The registered version's fp32 ONNX score on this loader's images."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,5 +213,5 @@ def _accuracy_of(version, loader, endpoint) -> float:
             artifact_uri=f"models:/{version.name}/{version.version}", dst_path=tmp
         )
         onnx = next(Path(local).rglob("model.onnx"))
-        logits, labels = collect(ort_predictor(ort_session(onnx)), loader)
-    return accuracy(logits, labels)
+        predict = task.ort_predictor(ort_session(onnx))
+        return task.evaluate(predict, loader, classes)[0].score

@@ -1,6 +1,6 @@
 """train: Lightning training from prepare's shards, with checkpoints in the artifact store.
 
-Checkpoints (`last.ckpt` every epoch, `best.ckpt` by validation accuracy) are written locally
+Checkpoints (`last.ckpt` every epoch, `best.ckpt` by the task's validation metric) are written locally
 and copied to `checkpoints/<run_id>/` in the store as soon as they are saved. Rerunning with the
 same run id downloads `last.ckpt` and continues from its step.
 """
@@ -21,15 +21,17 @@ from visionflow import tracking
 from visionflow.core.config import flatten, to_container
 from visionflow.core.contracts import check_classifier, check_datamodule
 from visionflow.core.factories import (
+    build_batch_transform,
     build_callbacks,
     build_datamodule,
     build_model,
     build_trainer,
     progress_callback,
+    task_of,
 )
 from visionflow.runs import load_step, save_step
 from visionflow.storage import ArtifactStore, open_store
-from visionflow.vision.modules import ClassificationModule
+from visionflow.vision.modules import MODULES
 
 log = logging.getLogger("visionflow.train")
 
@@ -38,7 +40,8 @@ log = logging.getLogger("visionflow.train")
 class TrainResult:
     checkpoint_uri: str  # best checkpoint in the artifact store
     last_checkpoint_uri: str
-    best_val_acc: float
+    monitor: str  # the validation metric that chose the best checkpoint (val/acc, val/map, ...)
+    best_score: float
     global_step: int
     epochs: int
     resumed_from_step: int | None
@@ -74,19 +77,25 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
     dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
+    task = task_of(cfg)
     dm = build_datamodule(cfg, store, dataset_id)
-    check_datamodule(dm, "classification")
+    check_datamodule(dm, task)
     net = build_model(cfg.model, num_classes=len(dm.classes), image_size=dm.image_size)
-    check_classifier(net, len(dm.classes), dm.image_size)
+    if task == "classification":
+        check_classifier(net, len(dm.classes), dm.image_size)
     spec = {
-        "task": "classification",
+        "task": task,
         "model": to_container(cfg.model),
         "classes": dm.classes,
         "image_size": dm.image_size,
         "dataset_id": dataset_id,
         "run_id": cfg.run_id,
     }
-    module = ClassificationModule(net, spec, to_container(cfg.optim), **to_container(cfg.train))
+    module_class = MODULES[task]
+    options = to_container(cfg.train)
+    if task == "classification":
+        options["batch_transform"] = build_batch_transform(cfg, task, len(dm.classes))
+    module = module_class(net, spec, to_container(cfg.optim), **options)
 
     prefix = checkpoint_prefix(cfg.run_id)
     local_dir = Path(cfg.workdir) / "runs" / cfg.run_id / "checkpoints"
@@ -118,7 +127,7 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     # Two callbacks: Lightning's save_last only writes when the monitored metric improves, and
     # resuming needs the newest state every epoch.
     checkpoint = ModelCheckpoint(
-        dirpath=local_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1,
+        dirpath=local_dir, filename="best", monitor=module.monitor, mode=module.mode, save_top_k=1,
         enable_version_counter=False,
     )  # fmt: skip
     latest = ModelCheckpoint(
@@ -134,7 +143,8 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     result = TrainResult(
         checkpoint_uri=store.uri(f"{prefix}/best.ckpt"),
         last_checkpoint_uri=store.uri(f"{prefix}/last.ckpt"),
-        best_val_acc=float(best) if best is not None else float("nan"),
+        monitor=module.monitor,
+        best_score=float(best) if best is not None else float("nan"),
         global_step=trainer.global_step,
         epochs=trainer.current_epoch,
         resumed_from_step=resumed_step,
@@ -147,8 +157,9 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     if trainer.is_global_zero:
         save_step(store, cfg.run_id, "train", result)
     log.info(
-        "trained: best val/acc %.4f at %s (step %d)",
-        result.best_val_acc,
+        "trained: best %s %.4f at %s (step %d)",
+        result.monitor,
+        result.best_score,
         result.checkpoint_uri,
         result.global_step,
     )

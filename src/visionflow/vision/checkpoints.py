@@ -13,7 +13,7 @@ from visionflow.core.factories import build_model
 from visionflow.storage import split_uri
 
 
-def load_classifier(
+def load_network(
     checkpoint_uri: str, endpoint: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The network (in eval mode, on CPU) and its spec, from a Lightning checkpoint's URI."""

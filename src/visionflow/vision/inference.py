@@ -1,30 +1,13 @@
-"""Batch inference over a DataLoader with PyTorch, TorchScript or ONNX Runtime."""
+"""Predictors over numpy batches with PyTorch, TorchScript or ONNX Runtime (see vision/tasks)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def collect(
-    predict: Callable[[np.ndarray], np.ndarray], loader: Iterable, max_samples: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) for the loader's batches, stopping after max_samples images."""
-    outs, labels, seen = [], [], 0
-    for images, target in loader:
-        x, y = images.cpu().numpy(), target.cpu().numpy()  # cached loaders serve GPU batches
-        if max_samples is not None and seen + len(x) > max_samples:
-            x, y = x[: max_samples - seen], y[: max_samples - seen]
-        outs.append(predict(x))
-        labels.append(y)
-        seen += len(x)
-        if max_samples is not None and seen >= max_samples:
-            break
-    return np.concatenate(outs), np.concatenate(labels)
 
 
 def torch_predictor(net: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -55,7 +38,3 @@ def ort_predictor(session) -> Callable[[np.ndarray], np.ndarray]:
         return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     return predict
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(1) == labels).mean())

@@ -1,4 +1,9 @@
-"""LightningModules: one per task, owning the step logic; the network comes from the registry."""
+"""LightningModules: one per task, owning the step logic; the network comes from the registry.
+
+`VisionModule` holds what every task shares: the optimizer and schedule from `optim`, how the
+network runs (`train.*`: channels_last, torch.compile, gradient checkpointing) and the `spec`
+that travels inside every checkpoint so that later steps can rebuild the network from it alone.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,22 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from visionflow.vision.models.checkpointing import enable_gradient_checkpointing
+
+IGNORE_INDEX = 255  # mask pixels that count for nothing (COCO crowds, borders)
 
 
-class ClassificationModule(pl.LightningModule):
-    """Cross-entropy training of any registered classifier, with accuracy on every split.
+class VisionModule(pl.LightningModule):
+    """Optimizer, schedule, network options and the checkpoint's spec, for every task.
 
-    `spec` describes how to rebuild the network (model name and options, classes, image size,
-    dataset id); it travels inside every checkpoint so that later steps need nothing else.
-    `channels_last` and `compile` (config `train.*`) change how the network runs, not what it
-    computes; checkpoints keep the plain network's parameter names either way.
+    `channels_last` and `compile` change how the network runs, not what it computes;
+    checkpoints keep the plain network's parameter names either way.
     """
+
+    monitor = "val/loss"  # the validation metric that picks best.ckpt
+    mode = "min"
 
     def __init__(
         self,
@@ -28,40 +39,18 @@ class ClassificationModule(pl.LightningModule):
         optim: dict[str, Any],
         channels_last: bool = False,
         compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.net)
         if compile:
             self.net.compile()  # in place: state_dict keys stay those of the plain network
         self.spec = spec
         self.optim = optim
-        self.label_smoothing = float(optim.get("label_smoothing", 0.0))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images.contiguous(memory_format=self.memory_format))
-
-    def _step(self, batch, split: str) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
-        smoothing = self.label_smoothing if split == "train" else 0.0
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        acc = (logits.argmax(1) == labels).float().mean()
-        on_step = split == "train"
-        self.log(
-            f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True
-        )
-        self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        self.input_size: int | None = None  # set by ProgressiveResizing: train at this size
 
     def configure_optimizers(self):
         optimizer = instantiate(self.optim["optimizer"], params=self.parameters())
@@ -78,6 +67,191 @@ class ClassificationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visionflow"] = self.spec
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        """The loss of one batch of `split`, logging what the task measures."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log(self, split: str, name: str, value, on_step: bool = False, bar: bool = True) -> None:
+        self.log(
+            f"{split}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=bar,
+            sync_dist=True, batch_size=self._batch_size,
+        )  # fmt: skip
+
+    _batch_size: int | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.contiguous(memory_format=self.memory_format))
+
+    def _resized(self, images: torch.Tensor, masks: torch.Tensor | None = None):
+        """Images (and masks) at `input_size` while progressive resizing asks for another size."""
+        size = self.input_size
+        if not self.training or size is None or images.shape[-1] == size:
+            return images, masks
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+        if masks is not None:
+            masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")
+            masks = masks[:, 0].long()
+        return images, masks
+
+
+class ClassificationModule(VisionModule):
+    """Cross-entropy training of any registered classifier, with accuracy on every split.
+
+    `batch_transform` (MixUp/CutMix, from `transforms.batch`) mixes training batches on the
+    device; the labels become soft targets and training accuracy is against their argmax.
+    """
+
+    monitor, mode = "val/acc", "max"
+
+    def __init__(self, *args, batch_transform=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_transform = batch_transform
+        self.label_smoothing = float(self.optim.get("label_smoothing", 0.0))
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        images, labels = batch
+        self._batch_size = len(images)
+        if split == "train":
+            images, _ = self._resized(images)
+            if self.batch_transform is not None:
+                images, labels = self.batch_transform(images, labels)
+        logits = self(images)
+        smoothing = self.label_smoothing if split == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        hard = labels.argmax(1) if labels.ndim == 2 else labels
+        acc = (logits.argmax(1) == hard).float().mean()
+        self._log(split, "loss", loss, on_step=split == "train")
+        self._log(split, "acc", acc)
+        return loss
+
+
+class DetectionModule(VisionModule):
+    """torchvision detectors: their own losses in training, COCO mAP on validation.
+
+    Batches are (list of images, list of targets) with labels counted from 1. The detector
+    returns losses in train mode and detections in eval mode, so validation reports mAP
+    (torchmetrics' COCO evaluation): `val/map` (mAP@[.5:.95], which picks best.ckpt) and
+    `val/map_50`.
+    """
+
+    monitor, mode = "val/map", "max"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from torchmetrics.detection import MeanAveragePrecision
+
+        self.val_map = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+
+    def forward(self, images):
+        return self.net(list(images))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        self._batch_size = len(images)
+        if self.input_size is not None:
+            images, targets = _rescale_detection(images, targets, self.input_size)
+        losses = self.net(list(images), list(targets))
+        loss = sum(losses.values())
+        self._log("train", "loss", loss, on_step=True)
+        for name, value in losses.items():
+            self._log("train", name, value, bar=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self._batch_size = len(images)
+        self.val_map.update(self(images), list(targets))
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_map.compute()
+        self.val_map.reset()
+        self.log("val/map", result["map"], prog_bar=True, sync_dist=True)
+        self.log("val/map_50", result["map_50"], prog_bar=True, sync_dist=True)
+
+
+def _rescale_detection(images, targets, size: int):
+    """Progressive resizing for detection: square images of `size`, boxes scaled with them."""
+    out_images, out_targets = [], []
+    for image, target in zip(images, targets, strict=True):
+        h, w = image.shape[-2:]
+        out_images.append(
+            F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)[0]
+        )
+        scale = torch.tensor([size / w, size / h, size / w, size / h], device=image.device)
+        out_targets.append({**target, "boxes": target["boxes"] * scale})
+    return out_images, out_targets
+
+
+class SegmentationModule(VisionModule):
+    """Per-pixel cross-entropy (255 ignored); mIoU and pixel accuracy from a confusion matrix.
+
+    Class 0 is the background and counts in the mean IoU, as in Pascal VOC and torchvision's
+    reference recipe. `val/miou` picks best.ckpt.
+    """
+
+    monitor, mode = "val/miou", "max"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        n = len(self.spec["classes"]) + 1
+        self.confusion = nn.ModuleDict(
+            {
+                split: MulticlassConfusionMatrix(n, ignore_index=IGNORE_INDEX)
+                for split in ("val", "test")
+            }
+        )
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        images, masks = batch
+        masks = masks.as_subclass(torch.Tensor)
+        self._batch_size = len(images)
+        if split == "train":
+            images, masks = self._resized(images, masks)
+        logits = self(images)
+        loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+        self._log(split, "loss", loss, on_step=split == "train")
+        if split != "train":
+            self.confusion[split].update(logits.argmax(1), masks)
+        return loss
+
+    def _epoch_end(self, split: str) -> None:
+        confusion = self.confusion[split].compute()
+        self.confusion[split].reset()
+        iou, pixel_acc = iou_from_confusion(confusion)
+        self.log(f"{split}/miou", iou.nanmean(), prog_bar=True)
+        self.log(f"{split}/pixel_acc", pixel_acc, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class IoU and pixel accuracy. A class that neither occurs nor is predicted has no
+    IoU (NaN), and the mean IoU leaves it out (`nanmean`)."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return tp / union, tp.sum() / confusion.sum().clamp(min=1)
+
+
+MODULES: dict[str, type[VisionModule]] = {
+    "classification": ClassificationModule,
+    "detection": DetectionModule,
+    "segmentation": SegmentationModule,
+}
 
 
 def _schedule_length(make, total_steps: int) -> dict[str, int]:

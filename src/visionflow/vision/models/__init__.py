@@ -1,3 +1,8 @@
 """Model builders, registered in `visionflow.core.registry.MODELS`."""
 
-from visionflow.vision.models import classification, fast  # noqa: F401  (registers models)
+from visionflow.vision.models import (  # noqa: F401  (registers models)
+    classification,
+    detection,
+    fast,
+    segmentation,
+)

@@ -1,0 +1,196 @@
+"""Detection and segmentation through all six steps on shapes, and their metrics and exports."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from visionflow.storage import open_store
+
+STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
+SMALL = {
+    "detection": ["experiment=shapes_detection", "data.num_samples=200"],
+    "segmentation": [
+        "experiment=shapes_segmentation",
+        "data.num_samples=200",
+        "data.image_size=32",
+    ],
+}
+
+
+@pytest.fixture(scope="session", params=sorted(SMALL))
+def task_run(request, tmp_path_factory):
+    """All six steps of a small detection or segmentation run, in process."""
+    from visionflow import steps
+    from visionflow.core.config import load_config
+
+    task = request.param
+    workdir = tmp_path_factory.mktemp(task)
+    cfg = load_config(
+        [*SMALL[task], f"workdir={workdir}", f"run_id={task}-1", "trainer.max_epochs=1",
+         "evaluate.min_score=0", "quantize.bench_repeats=2", "quantize.max_accuracy_drop=100",
+         "quantize.calibration_samples=32"]
+    )  # fmt: skip
+    results = {name: getattr(getattr(steps, name), name)(cfg) for name in STEPS}
+    return task, cfg, results
+
+
+def test_shards_carry_boxes_and_class_masks(task_run, tmp_path):
+    task, cfg, r = task_run
+    store = open_store(cfg.storage.root)
+    manifest = r["prepare"].manifest
+    assert manifest["tasks"] == ["classification", "detection", "segmentation"]
+    shard = manifest["splits"]["train"]["shards"][0]["name"]
+    local = store.get_file(f"datasets/{manifest['id']}/{shard}", tmp_path / shard)
+    with tarfile.open(local) as tar:
+        key = next(n for n in tar.getnames() if n.endswith(".cls")).split(".")[0]
+        label = int(tar.extractfile(f"{key}.cls").read())
+        ann = json.loads(tar.extractfile(f"{key}.json").read())
+        from PIL import Image
+
+        mask = np.array(Image.open(tar.extractfile(f"{key}.mask.png")))
+    assert ann["labels"] == [label]
+    x0, y0, x1, y1 = ann["boxes"][0]
+    inside = np.zeros_like(mask, bool)
+    inside[y0:y1, x0:x1] = True
+    assert set(np.unique(mask)) == {0, label + 1}  # background and the one shape's class
+    assert not (mask[~inside] > 0).any()  # nothing of the shape lies outside its box
+
+
+def test_training_monitors_the_task_metric(task_run):
+    task, cfg, r = task_run
+    t = r["train"]
+    assert t.monitor == {"detection": "val/map", "segmentation": "val/miou"}[task]
+    assert 0.0 <= t.best_score <= 1.0
+    assert t.spec["task"] == task
+
+
+def test_evaluate_reports_task_metrics_and_a_picture(task_run):
+    task, cfg, r = task_run
+    e = r["evaluate"]
+    assert e.task == task and e.metric == {"detection": "map_50", "segmentation": "miou"}[task]
+    assert e.score == e.metrics[e.metric] and 0.0 <= e.score <= 1.0
+    assert e.num_samples == 20
+    expected = {"detection": {"map", "map_50", "map_75"}, "segmentation": {"miou", "pixel_acc"}}
+    assert expected[task] <= set(e.metrics)
+    if task == "segmentation":
+        assert list(e.per_class) == ["background", *e.classes]
+    png = open_store(cfg.storage.root).get_bytes(e.figure_png.split("artifacts/", 1)[1])
+    assert png[:4] == b"\x89PNG"
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    logged = mlflow.get_run(r["train"].mlflow_run_id).data.metrics
+    assert logged[f"test/{e.metric}"] == pytest.approx(e.score)
+
+
+def test_export_is_checked_and_quantize_follows_the_task(task_run):
+    task, cfg, r = task_run
+    x, q = r["export"], r["quantize"]
+    assert x.onnx.samples == 20 and x.onnx.agreement >= cfg.export.min_agreement
+    assert x.torchscript.max_abs_diff <= cfg.export.atol
+    if task == "detection":
+        assert not q.supported and q.int8_uri == ""
+        assert "not supported for detection" in q.reason
+    else:
+        assert q.supported and q.metric == "miou" and q.int8_uri.endswith("model.int8.onnx")
+        assert q.accuracy_drop == pytest.approx((q.fp32_score - q.int8_score) * 100)
+
+
+def test_registered_model_serves_task_outputs(task_run):
+    task, cfg, r = task_run
+    g = r["register"]
+    assert g.model_name == f"visionflow-shapes-{task}"
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    version = mlflow.MlflowClient().get_model_version(g.model_name, str(g.model_version))
+    assert version.tags["task"] == task
+    model = mlflow.pyfunc.load_model(g.model_uri)
+    size = r["export"].image_size
+    out = model.predict(np.random.rand(2, 3, size, size).astype(np.float32))
+    if task == "segmentation":
+        assert out.shape == (2, 6, size, size)
+    else:
+        assert len(out) == 2 and set(out[0]) == {"boxes", "labels", "scores"}
+        assert out[0]["boxes"].shape[1:] == (4,)
+
+
+def test_detection_onnx_matches_pytorch_on_every_detection(tmp_path):
+    """Untrained detections are not confident, so the export step's parity check would be
+    trivial here: compare all of them, boxes and scores, on real shapes images."""
+    from visionflow.core.config import load_config
+    from visionflow.core.factories import build_model
+    from visionflow.vision.data.shapes import make_shape
+    from visionflow.vision.inference import ort_session
+    from visionflow.vision.tasks import get_task
+
+    cfg = load_config(["experiment=shapes_detection", f"workdir={tmp_path}",
+                       "+model.box_score_thresh=0.0"])  # fmt: skip
+    torch.manual_seed(0)
+    net = build_model(cfg.model, num_classes=5).eval()
+    task = get_task("detection")
+    path = task.export_onnx(net, tmp_path / "det.onnx", 64)
+    images = [
+        np.asarray(make_shape(1, i, 64).image, np.float32).transpose(2, 0, 1) / 255
+        for i in range(3)
+    ]
+    ours = task.torch_predictor(net)(images)
+    theirs = task.ort_predictor(ort_session(path))(images)
+    for a, b in zip(ours, theirs, strict=True):
+        assert len(a["boxes"]) > 0 and len(a["boxes"]) == len(b["boxes"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-2)  # pixels of 64
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+
+
+def test_detection_metric_rewards_right_boxes_and_parity_catches_wrong_labels():
+    from visionflow.vision.tasks import get_task
+
+    task = get_task("detection")
+    truth = [{"boxes": np.array([[4.0, 4.0, 30.0, 30.0]], np.float32), "labels": np.array([2])}]
+    images = [torch.zeros(3, 32, 32)]
+
+    def predicting(box, label):
+        return lambda x: [{"boxes": np.array([box], np.float32), "labels": np.array([label]),
+                           "scores": np.array([0.9], np.float32)}]  # fmt: skip
+
+    loader = [(images, [{k: torch.from_numpy(v) for k, v in truth[0].items()}])]
+    right, _ = task.evaluate(predicting([4, 4, 30, 30], 2), loader, ["a", "b"])
+    wrong_place, _ = task.evaluate(predicting([20, 20, 31, 31], 2), loader, ["a", "b"])
+    wrong_class, _ = task.evaluate(predicting([4, 4, 30, 30], 1), loader, ["a", "b"])
+    assert right.score == pytest.approx(1.0)
+    assert wrong_place.score == 0.0 and wrong_class.score == 0.0
+    same = task.compare_batch(
+        predicting([4, 4, 30, 30], 2)(None), predicting([4, 4, 30, 30], 2)(None)
+    )
+    other = task.compare_batch(
+        predicting([4, 4, 30, 30], 2)(None), predicting([4, 4, 30, 30], 1)(None)
+    )
+    assert same == (0.0, 1.0, 1) and other[1] == 0.0
+
+
+def test_segmentation_metric_ignores_255_and_counts_the_background():
+    from visionflow.vision.tasks import get_task
+
+    task = get_task("segmentation")
+    masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    masks[0, :2, :2] = 1  # class 0 (label 1) in one corner
+    masks[0, 3, 3] = 255  # ignored
+
+    def logits_for(pred):
+        return lambda x: np.eye(3, dtype=np.float32)[pred].transpose(0, 3, 1, 2)
+
+    loader = [(torch.zeros(1, 3, 4, 4), masks)]
+    perfect = masks.clone().numpy()
+    perfect[perfect == 255] = 2  # a wrong guess on an ignored pixel costs nothing
+    s, _ = task.evaluate(logits_for(perfect), loader, ["a", "b"])
+    assert s.score == pytest.approx(1.0) and s.metrics["pixel_acc"] == pytest.approx(1.0)
+    assert np.isnan(s.per_class["b"]["iou"])  # neither present nor predicted: left out
+    half = perfect.copy()
+    half[0, :2, 0] = 0  # 2 of the 4 class pixels called background
+    s, _ = task.evaluate(logits_for(half), loader, ["a", "b"])
+    assert s.per_class["a"]["iou"] == pytest.approx(0.5)
+    assert s.per_class["background"]["iou"] == pytest.approx(11 / 13)
+    assert s.score == pytest.approx((0.5 + 11 / 13) / 2)
