@@ -110,8 +110,7 @@ def test_ema_weights_are_what_validation_checkpoints_and_evaluation_use(monkeypa
 def test_ema_resumes_with_the_run(monkeypatch, prepared):
     from visionflow.storage import split_uri
 
-    # No schedule: a restored OneCycleLR keeps its first total_steps and cannot go further.
-    run = ("ema-resume", "callbacks=ema", "optim.scheduler=null")
+    run = ("ema-resume", "callbacks=ema")
     _train(monkeypatch, prepared, *run)
     result, built = _train(monkeypatch, prepared, *run, "trainer.max_epochs=2")
     assert result.resumed_from_step == 15 and result.global_step == 30
@@ -122,6 +121,28 @@ def test_ema_resumes_with_the_run(monkeypatch, prepared):
         _net_weights(ckpt["state_dict"]),
         built[WeightAveraging]._average_model.module.net.state_dict(),
     )
+
+
+def test_a_resumed_run_with_more_epochs_stretches_its_one_cycle_schedule(monkeypatch, prepared):
+    lrs: list[float] = []
+
+    class Lr(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    import visionflow.steps.train as train_step
+
+    monkeypatch.setattr(train_step, "progress_callback", lambda: Lr())
+    _train(monkeypatch, prepared, "stretch")  # one epoch, one cycle of 15 steps
+    first = list(lrs)
+    result, _ = _train(monkeypatch, prepared, "stretch", "trainer.max_epochs=3")
+    assert result.resumed_from_step == 15 and result.global_step == 45
+    resumed = lrs[len(first) :]
+    assert len(resumed) == 30
+    # The cycle now spans 45 steps: it goes on from step 15 of 45 (near its peak), not from the
+    # end of the old one, and ends near zero again.
+    assert resumed[0] > 10 * first[-1]
+    assert resumed[-1] < resumed[0] / 100
 
 
 def test_swa_weights_end_in_the_last_checkpoint(monkeypatch, prepared):

@@ -29,7 +29,9 @@ class ProgressiveResizing(pl.Callback):
         try:
             self.sizes = [int(s) for s in sizes]
         except (TypeError, ValueError):
-            raise ValueError(f"sizes must be a list of image sizes, like [16, 16, 24]; got {sizes!r}") from None
+            raise ValueError(
+                f"sizes must be a list of image sizes, like [16, 16, 24]; got {sizes!r}"
+            ) from None
         if any(s < 0 for s in self.sizes):
             raise ValueError(f"sizes must not be negative: {sizes!r}")
 

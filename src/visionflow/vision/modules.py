@@ -68,6 +68,14 @@ class VisionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visionflow"] = self.spec
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming keeps this run's schedule length: a run resumed with more epochs stretches
+        the rest of its schedule instead of stepping past the end of the old one (OneCycleLR
+        raises there). The step count and everything else come from the checkpoint."""
+        for state in checkpoint.get("lr_schedulers", []):
+            for key in SCHEDULE_LENGTH_KEYS:
+                state.pop(key, None)
+
     def _step(self, batch, split: str) -> torch.Tensor:
         """The loss of one batch of `split`, logging what the task measures."""
         raise NotImplementedError
@@ -246,6 +254,9 @@ def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     union = confusion.sum(0) + confusion.sum(1) - tp
     return tp / union, tp.sum() / confusion.sum().clamp(min=1)
 
+
+# What a scheduler's state says about the run's length (OneCycleLR's, CosineAnnealingLR's).
+SCHEDULE_LENGTH_KEYS = ("total_steps", "_schedule_phases", "T_max")
 
 MODULES: dict[str, type[VisionModule]] = {
     "classification": ClassificationModule,
