@@ -40,3 +40,28 @@ def test_pipeline_runs_end_to_end_and_registers_a_new_version_each_time(tmp_path
     artifacts = json.loads(outputs[-1].read_text())["artifacts"]
     matrix = artifacts["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [s["displayName"] for s in matrix["annotationSpecs"]][:2] == ["circle", "square"]
+
+
+@pytest.mark.parametrize(
+    "task, overrides",
+    [
+        ("detection", ["experiment=shapes_detection", "data.num_samples=200"]),
+        ("segmentation", ["experiment=shapes_segmentation", "data.num_samples=200"]),
+    ],
+)
+def test_detection_and_segmentation_run_through_the_pipeline(tmp_path, task, overrides):
+    fast = ["trainer.max_epochs=1", "evaluate.min_score=0", "quantize.max_accuracy_drop=100",
+            "quantize.bench_repeats=2", "quantize.calibration_samples=32"]  # fmt: skip
+    summary = _summary(visionflow("pipeline", "run", *overrides, *fast, f"workdir={tmp_path}"))
+    metric = {"detection": "test_map_50", "segmentation": "test_miou"}[task]
+    assert summary["task"] == task and 0.0 <= summary[metric] <= 1.0
+    assert summary["model_name"] == f"visionflow-shapes-{task}" and summary["champion"]
+    assert summary["onnx_max_abs_diff"] <= 1e-4
+    if task == "detection":
+        assert summary["int8"].startswith("int8 quantization is not supported for detection")
+        assert summary["artifacts"]["onnx_int8"] == ""
+    else:
+        assert summary["int8"] == "measured" and Path(summary["artifacts"]["onnx_int8"]).exists()
+    # What the Kubeflow UI shows for the evaluation: an HTML report with the task's metric.
+    report = next((tmp_path / "kfp").glob("visionflow-training-*/evaluate/report"))
+    assert f"Test {metric.removeprefix('test_')}" in report.read_text()
