@@ -4,6 +4,7 @@ MLflow tracking server, both on 127.0.0.1: everything it promises is really stor
 import json
 
 import pytest
+import torch
 
 from tests.conftest import TINY
 from tests.integration.conftest import BUCKET, S3_ENV, visionflow
@@ -82,3 +83,50 @@ def test_imagefolder_from_s3_prefix(tmp_path, s3_server):
         sum(manifest["splits"][s]["count"] for s in manifest["splits"]) == 24
         and not manifest["bad_files"]
     )
+
+
+def test_coco_from_s3_serves_boxes_and_masks_to_both_tasks(tmp_path, s3_server, monkeypatch):
+    """COCO images and instances JSON in S3 → prepare → the datamodule's detection targets and
+    segmentation masks, checked against what the fixture drew."""
+    from tests.unit.test_cifar_coco import make_coco
+    from visionflow.core.config import load_config
+    from visionflow.core.factories import build_datamodule
+    from visionflow.steps.prepare import prepare
+    from visionflow.storage import open_store
+
+    images, annotations = make_coco(tmp_path / "coco", n_extra=6)
+    client = s3_server.client()
+    for path in sorted(images.iterdir()):
+        client.fput_object(BUCKET, f"raw/coco/images/{path.name}", str(path))
+    client.fput_object(BUCKET, "raw/coco/instances.json", str(annotations))
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server.endpoint}.items():
+        monkeypatch.setenv(key, value)
+    common = [f"workdir={tmp_path}", "data=coco", f"data.root=s3://{BUCKET}/raw/coco/images",
+              f"data.annotations=s3://{BUCKET}/raw/coco/instances.json", "data.image_size=40",
+              "data.val_fraction=0.25", "data.test_fraction=0.25", "transforms=none",
+              "transforms.train=[]", "transforms.eval=[]", "run_id=coco"]  # fmt: skip
+    cfg = load_config([*common, "model=fasterrcnn_mobilenet_v3"])
+    dataset_id = prepare(cfg).dataset_id
+    store = open_store(cfg.storage.root)
+
+    detection = build_datamodule(cfg, store, dataset_id)
+    segmentation = build_datamodule(
+        load_config([*common, "model=lraspp_mobilenet_v3"]), store, dataset_id
+    )
+    seen, dog_images = 0, 0
+    for split in ("train", "val", "test"):
+        boxes, masks = detection.dataset(split), segmentation.dataset(split)
+        for i in range(len(boxes)):
+            image, target = boxes[i]
+            _, mask = masks[i]
+            seen += 1
+            assert mask.shape == image.shape[-2:] and mask.dtype == torch.int64
+            for (x0, y0, x1, y1), label in zip(
+                target["boxes"].tolist(), target["labels"].tolist(), strict=True
+            ):
+                box = mask[int(y0) : int(y1 + 0.999), int(x0) : int(x1 + 0.999)]
+                assert (box == label).any()  # detection labels = mask classes (0: background)
+            if 3 in target["labels"].tolist() and 2 in target["labels"].tolist():
+                dog_images += 1  # the dog with a car painted on it, a crowd beside them
+                assert {0, 2, 3, 255} <= set(mask.unique().tolist())
+    assert seen == 8 and dog_images == 1
