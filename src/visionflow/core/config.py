@@ -35,7 +35,7 @@ class DataConfig:
     num_samples: int = 6000  # shapes
     num_classes: int = 5  # shapes
     max_per_class: int | None = None  # imagefolder: subsample each class
-    max_samples: int | None = None  # any source: keep this many samples (a fixed subset by seed)
+    max_samples: int | None = None  # cifar10/100, coco: keep this many training samples (by seed)
     annotations: str | None = None  # coco: the instances JSON for `root` (local or s3://)
     test_annotations: str | None = None  # coco: the instances JSON for `test_root`
     download: bool = False  # cifar10/cifar100: fetch the archive into `root` if it is missing
