@@ -275,7 +275,17 @@ def test_sigterm_deletes_the_job_and_restores_the_handler(k8s):
     assert [d["name"] for d in fake.deleted] == [NAME]
 
 
-def test_keyboard_interrupt_deletes_the_job(k8s):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as on a terminal. A process a shell starts in the
+    background without job control inherits SIGINT ignored, and then interrupt_main() does
+    nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_keyboard_interrupt_deletes_the_job(k8s, ctrl_c_raises):
     fake = k8s(life=JobLife([Step("Created"), Step("Running", log=["training"])]))
     log, timers = later(_thread.interrupt_main)
 
