@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import (
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import tiny_overrides
+from visionflow.callbacks.stopping import TaskEarlyStopping
 from visionflow.core.config import load_config, to_container
 from visionflow.core.factories import build_callbacks, build_model, build_trainer
 from visionflow.vision.modules import ClassificationModule
@@ -42,12 +43,33 @@ def test_callbacks_compose_with_the_defaults_and_with_each_other(tmp_path):
     assert set(built) == {
         LearningRateMonitor,  # from callbacks/default, which each of them extends
         WeightAveraging,
-        EarlyStopping,
+        TaskEarlyStopping,
         StochasticWeightAveraging,
     }
-    stop = built[EarlyStopping]
-    assert (stop.monitor, stop.mode) == ("val/acc", "max")
     assert list(_config(tmp_path, "callbacks=ema").callbacks) == ["lr_monitor", "ema"]
+
+
+@pytest.mark.parametrize(
+    "module, overrides, expected",
+    [
+        ("ClassificationModule", [], ("val/acc", "max")),
+        ("SegmentationModule", [], ("val/miou", "max")),
+        ("DetectionModule", [], ("val/map", "max")),
+        ("ClassificationModule", ["+callbacks.early_stopping.monitor=val/loss",
+                                  "+callbacks.early_stopping.mode=min"], ("val/loss", "min")),
+    ],
+)  # fmt: skip
+def test_early_stopping_watches_the_tasks_metric_unless_told(tmp_path, module, overrides, expected):
+    import visionflow.vision.modules as modules
+
+    cfg = _config(tmp_path, "callbacks=early_stopping", *overrides)
+    (stop,) = [cb for cb in build_callbacks(cfg.callbacks) if isinstance(cb, EarlyStopping)]
+    owner = getattr(modules, module)
+    fake = type("M", (), {"monitor": owner.monitor, "mode": owner.mode})()
+    stop.setup(build_trainer(cfg, []), fake, "fit")
+    assert (stop.monitor, stop.mode) == expected
+    improving = torch.tensor(-1.0 if expected[1] == "min" else 1.0)
+    assert stop.monitor_op(improving, stop.best_score)  # the first value is an improvement
 
 
 @pytest.fixture(scope="module")
