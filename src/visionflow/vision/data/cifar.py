@@ -7,6 +7,9 @@
 The official test batch is the fixed test split; val is carved from the training batches.
 `data.max_samples` subsamples the training batches only (evenly over the classes, fixed by
 seed): the test split always stays whole, so test results compare across subset sizes.
+
+The batches are Python pickles, which can run code when loaded (torchvision reads them the
+same way): point `data.root` only at copies you trust.
 """
 
 from __future__ import annotations
