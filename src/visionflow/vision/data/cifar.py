@@ -14,18 +14,16 @@ same way): point `data.root` only at copies you trust.
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from visionflow.core.registry import DATAMODULES
 from visionflow.storage import ArtifactStore, split_uri
-from visionflow.vision.data.datamodules import RawSample, ShardDataModule
+from visionflow.vision.data.datamodules import RawSample, ShardDataModule, png_bytes
 
 log = logging.getLogger("visionflow.prepare")
 
@@ -102,7 +100,7 @@ class CifarDataModule(ShardDataModule):
                     yield RawSample(
                         source=f"{store.uri(_join(folder, batch))}#{row}",
                         label=int(label),
-                        read=lambda image=image: _png(image),
+                        read=lambda image=image: png_bytes(image),
                         ext="png",
                         split=split,
                     )
@@ -187,9 +185,3 @@ def _images(batches: list[tuple[str, dict]], labels_key: bytes):
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-planar → HWC
     labels = np.concatenate([np.asarray(b[labels_key], dtype=np.int64) for _, b in batches])
     return origin, images, labels
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()

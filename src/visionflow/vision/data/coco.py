@@ -19,7 +19,6 @@ stays whole.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -28,12 +27,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from visionflow.core.registry import DATAMODULES
 from visionflow.storage import split_uri
-from visionflow.vision.data.datamodules import RawSample, ShardDataModule
+from visionflow.vision.data.datamodules import (
+    RawSample,
+    ShardDataModule,
+    image_ext,
+    png_bytes,
+)
 
 log = logging.getLogger("visionflow.prepare")
 
@@ -179,7 +182,7 @@ def _samples(parts) -> Iterator[RawSample]:
                 source=store.uri(key),
                 label=image.objects[0].label,
                 read=lambda store=store, key=key: store.get_bytes(key),
-                ext=_ext(image.file_name),
+                ext=image_ext(image.file_name),
                 split=split,
                 extra={
                     "json": {
@@ -187,7 +190,7 @@ def _samples(parts) -> Iterator[RawSample]:
                         "labels": [o.label for o in image.objects],
                     },
                     # painted when the shard is written, not held for every image at once
-                    "mask.png": lambda image=image: _png(paint_mask(image)),
+                    "mask.png": lambda image=image: png_bytes(paint_mask(image)),
                 },
             )
             done += 1
@@ -195,14 +198,3 @@ def _samples(parts) -> Iterator[RawSample]:
                 log.info(
                     "coco: %d/%d images listed (%.0fs)", done, total, time.monotonic() - started
                 )
-
-
-def _ext(name: str) -> str:
-    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    return "jpg" if ext == "jpeg" else ext
-
-
-def _png(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask).save(buf, format="PNG")  # uint8 H×W: mode "L"
-    return buf.getvalue()

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from visionflow.core.registry import DATAMODULES
@@ -164,11 +165,11 @@ class ShapesDataModule(ShardDataModule):
                 yield RawSample(
                     source=f"shapes:{seed}:{i}",
                     label=s.label,
-                    read=lambda s=s: _png(s.image),
+                    read=lambda s=s: png_bytes(s.image),
                     ext="png",
                     extra={
                         "json": {"boxes": [list(s.box)], "labels": [s.label]},
-                        "mask.png": lambda s=s: _png(_class_mask(s.mask, s.label)),
+                        "mask.png": lambda s=s: png_bytes(_class_mask(s.mask, s.label)),
                     },
                 )
 
@@ -180,7 +181,10 @@ def _class_mask(mask, label: int):
     return mask.point(lambda v: label + 1 if v >= 128 else 0)
 
 
-def _png(image) -> bytes:
+def png_bytes(image) -> bytes:
+    """A PIL image, or a uint8 array (H, W) or (H, W, 3), encoded as PNG."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -214,14 +218,15 @@ class ImageFolderDataModule(ShardDataModule):
                         source=st.uri(key),
                         label=classes.index(cls_name) if cls_name in classes else None,
                         read=lambda st=st, key=key: st.get_bytes(key),
-                        ext=_ext(key),
+                        ext=image_ext(key),
                         split=split,
                     )
 
         return classes, gen()
 
 
-def _ext(key: str) -> str:
+def image_ext(key: str) -> str:
+    """The shard extension for a file name: lower case, `jpeg` as `jpg`."""
     ext = key.rsplit(".", 1)[-1].lower() if "." in key else ""
     return "jpg" if ext == "jpeg" else ext
 
