@@ -190,7 +190,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data={cfg.data.name} needs data.{key}: set it, e.g. data.{key}=...")
     build_transforms(cfg, task)
     batch_augment(cfg, task)
-    build_batch_transform(cfg, task, max(cfg.data.num_classes, 2))
+    build_batch_transform(cfg, task, num_classes=2)  # any count: this checks names and options
     for key, entry in (_plain(cfg.callbacks) or {}).items():
         if entry and "_target_" not in entry:
             try:

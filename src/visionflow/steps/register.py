@@ -133,7 +133,7 @@ def register(
                     "classes": list(classes),
                     "image_size": image_size,
                 },
-                signature=infer_signature(example, output if task.name != "detection" else None),
+                signature=infer_signature(example, output),
                 pip_requirements=["onnxruntime", "numpy"],
             )
     lineage = {

@@ -89,13 +89,12 @@ class VisionModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _log(self, split: str, name: str, value, on_step: bool = False, bar: bool = True) -> None:
+    def _log(self, split: str, name: str, value, batch_size: int, on_step=False, bar=True) -> None:
+        """`batch_size` weights the epoch mean (Lightning cannot infer it from list batches)."""
         self.log(
             f"{split}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=bar,
-            sync_dist=True, batch_size=self._batch_size,
+            sync_dist=True, batch_size=batch_size,
         )  # fmt: skip
-
-    _batch_size: int | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -128,7 +127,6 @@ class ClassificationModule(VisionModule):
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, labels = batch
-        self._batch_size = len(images)
         if split == "train":
             images, _ = self._resized(images)
             if self.batch_transform is not None:
@@ -138,8 +136,8 @@ class ClassificationModule(VisionModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         hard = labels.argmax(1) if labels.ndim == 2 else labels
         acc = (logits.argmax(1) == hard).float().mean()
-        self._log(split, "loss", loss, on_step=split == "train")
-        self._log(split, "acc", acc)
+        self._log(split, "loss", loss, len(images), on_step=split == "train")
+        self._log(split, "acc", acc, len(images))
         return loss
 
 
@@ -165,19 +163,17 @@ class DetectionModule(VisionModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        self._batch_size = len(images)
         if self.input_size is not None:
             images, targets = _rescale_detection(images, targets, self.input_size)
         losses = self.net(list(images), list(targets))
         loss = sum(losses.values())
-        self._log("train", "loss", loss, on_step=True)
+        self._log("train", "loss", loss, len(images), on_step=True)
         for name, value in losses.items():
-            self._log("train", name, value, bar=False)
+            self._log("train", name, value, len(images), bar=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
-        self._batch_size = len(images)
         self.val_map.update(self(images), list(targets))
 
     def on_validation_epoch_end(self) -> None:
@@ -222,12 +218,11 @@ class SegmentationModule(VisionModule):
     def _step(self, batch, split: str) -> torch.Tensor:
         images, masks = batch
         masks = masks.as_subclass(torch.Tensor)
-        self._batch_size = len(images)
         if split == "train":
             images, masks = self._resized(images, masks)
         logits = self(images)
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-        self._log(split, "loss", loss, on_step=split == "train")
+        self._log(split, "loss", loss, len(images), on_step=split == "train")
         if split != "train":
             self.confusion[split].update(logits.argmax(1), masks)
         return loss

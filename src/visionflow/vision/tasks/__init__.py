@@ -116,8 +116,38 @@ class Task:
         raise NotImplementedError
 
     def example_output(self, predict: Callable, image_size: int):
-        """The output for one blank image, for the registered model's signature."""
+        """The output for one blank image, for the registered model's signature (None: the
+        signature describes the input only)."""
         raise NotImplementedError
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here or in pods)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def onnx_export(net, example: tuple, path: Path, outputs: list[str], axes: dict, opset: int):
+    """torch.onnx.export's TorchScript-based exporter with input `images`, quietly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, example, str(path), input_names=["images"], output_names=outputs,
+            dynamic_axes=axes, opset_version=opset, dynamo=False,
+        )  # fmt: skip
+    return path
 
 
 def get_task(name: str) -> Task:
@@ -152,20 +182,9 @@ class DenseTask(Task):
 
     def export_onnx(self, net, path, image_size, opset=18):
         """ONNX with a dynamic batch dimension; input `images` (N, 3, H, W) float in [0, 1]."""
-        example = torch.rand(2, 3, image_size, image_size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                net,
-                (example,),
-                str(path),
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-        return path
+        example = (torch.rand(2, 3, image_size, image_size),)
+        axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
+        return onnx_export(net, example, path, ["logits"], axes, opset)
 
     def export_torchscript(self, net, path, image_size):
         with warnings.catch_warnings():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionflow.vision.tasks import DenseTask, Scores
+from visionflow.vision.tasks import DenseTask, Scores, pyplot, save_figure
 
 
 class ClassificationTask(DenseTask):
@@ -58,11 +58,7 @@ def per_class_metrics(confusion: np.ndarray, classes: list[str]) -> dict[str, di
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     size = max(4.0, 0.5 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(confusion, cmap="Blues")
@@ -76,8 +72,4 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
         for (i, j), v in np.ndenumerate(confusion):
             colour = "white" if v > top / 2 else "black"
             ax.text(j, i, str(v), ha="center", va="center", color=colour, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

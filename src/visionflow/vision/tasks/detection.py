@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visionflow.vision.tasks import Scores, Task
+from visionflow.vision.tasks import Scores, Task, onnx_export, pyplot, save_figure
 
 # Parity compares the detections a user would act on: those scoring at least this much.
 CONFIDENT = 0.5
@@ -112,11 +112,9 @@ class DetectionTask(Task):
 
     def plot(self, scores, classes, examples, path: Path) -> Path:
         """Test images with the true boxes (white) and confident predictions (coloured)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.patches as patches
-        import matplotlib.pyplot as plt
+
+        plt = pyplot()
 
         images, predicted, truth = examples
         k = len(images)
@@ -141,30 +139,12 @@ class DetectionTask(Task):
                         backgroundcolor=c, va="bottom")  # fmt: skip
             ax.set_axis_off()
         fig.suptitle(f"mAP@.5 {scores.score:.3f} (white: truth)")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def export_onnx(self, net, path, image_size, opset=18):
-        example = [torch.rand(3, image_size, image_size)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                net,
-                (example,),
-                str(path),
-                input_names=["images"],
-                output_names=list(OUTPUTS),
-                dynamic_axes={
-                    "images": {1: "height", 2: "width"},
-                    **{k: {0: "detections"} for k in OUTPUTS},
-                },
-                opset_version=opset,
-                dynamo=False,
-            )
-        return path
+        example = ([torch.rand(3, image_size, image_size)],)
+        axes = {"images": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in OUTPUTS}}
+        return onnx_export(net, example, path, list(OUTPUTS), axes, opset)
 
     def export_torchscript(self, net, path, image_size):
         with warnings.catch_warnings():
@@ -173,4 +153,4 @@ class DetectionTask(Task):
         return path
 
     def example_output(self, predict, image_size):
-        return predict([np.zeros((3, image_size, image_size), np.float32)])[0]
+        return None  # a list of dicts per batch: no MLflow schema describes it

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from visionflow.vision.modules import IGNORE_INDEX, iou_from_confusion
-from visionflow.vision.tasks import DenseTask, Scores
+from visionflow.vision.tasks import DenseTask, Scores, pyplot, save_figure
 
 
 class SegmentationTask(DenseTask):
@@ -46,15 +46,11 @@ class SegmentationTask(DenseTask):
 
     def plot(self, scores, classes, examples, path: Path) -> Path:
         """Test images, their true masks and the predicted ones, side by side."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         images, predicted, truth = examples
         k = len(images)
         fig, axes = plt.subplots(3, k, figsize=(1.6 * k, 5), squeeze=False)
-        vmax = len(classes) + 1
+        vmax = max(len(classes) + 1, 20)  # tab20's colours, one per class while they last
         for j in range(k):
             for row, (picture, title) in enumerate(
                 ((images[j].transpose(1, 2, 0), "image"), (truth[j], "truth"),
@@ -65,15 +61,9 @@ class SegmentationTask(DenseTask):
                     ax.imshow(np.clip(picture, 0, 1))
                 else:
                     shown = np.where(picture == IGNORE_INDEX, 0, picture)
-                    ax.imshow(
-                        shown, cmap="tab20", vmin=0, vmax=max(vmax, 20), interpolation="nearest"
-                    )
+                    ax.imshow(shown, cmap="tab20", vmin=0, vmax=vmax, interpolation="nearest")
                 ax.set_axis_off()
                 if j == 0:
                     ax.set_title(title, fontsize=8, loc="left")
         fig.suptitle(f"mIoU {scores.score:.3f}")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
