@@ -100,3 +100,54 @@ def test_training_from_the_memory_cache_learns(tmp_path):
     result = train(cfg)
     # 60 validation images, 5 classes: 21 right by chance has p < 0.001 (12 expected).
     assert result.monitor == "val/acc" and result.best_score >= 0.35
+
+
+def test_whitened_stem_decorrelates_the_patches_it_was_fitted_to():
+    gen = torch.Generator().manual_seed(0)
+    gray = torch.randn(64, 1, 16, 16, generator=gen)  # channels strongly correlated
+    images = gray.expand(64, 3, 16, 16) + 0.3 * torch.randn(64, 3, 16, 16, generator=gen)
+    net = build_model({"name": "fast_cifar", "width": 8, "wide_width": 16}, num_classes=3).net
+    net.whiten_stem(images)
+    conv = net.stem[0]
+    responses = torch.nn.functional.conv2d(images, conv.weight[:12])  # one of each +/- pair
+    flat = responses.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    torch.testing.assert_close(cov, torch.eye(12), atol=0.02, rtol=0)
+    torch.testing.assert_close(conv.weight[12:], -conv.weight[:12])
+    assert not conv.weight.requires_grad
+
+
+def test_fit_whitens_the_stem_from_the_first_training_images(tmp_path, monkeypatch):
+    """The training module hands fast_cifar its first training images (all of them, here:
+    fewer than 5,000) before the first step, as [0, 1] floats."""
+    from tests.conftest import tiny_overrides
+    from visionflow.core.config import to_container
+    from visionflow.core.factories import build_datamodule, build_trainer
+    from visionflow.steps.prepare import prepare
+    from visionflow.storage import open_store
+    from visionflow.vision.models.fast import FastCIFAR
+
+    cfg = load_config(
+        tiny_overrides(
+            tmp_path, "model=fast_cifar", "model.width=8", "model.wide_width=16",
+            "data.cache=memory", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+        )
+    )  # fmt: skip
+    prepared = prepare(cfg)
+    dm = build_datamodule(cfg, open_store(cfg.storage.root), prepared.dataset_id)
+    net = build_model(cfg.model, num_classes=len(dm.classes))
+    before = net.net.stem[0].weight.clone()
+    seen = []
+    original = FastCIFAR.init_from_data
+
+    def spy(self, images):
+        seen.append(images)
+        original(self, images)
+
+    monkeypatch.setattr(FastCIFAR, "init_from_data", spy)
+    module = ClassificationModule(net, {}, to_container(cfg.optim))
+    build_trainer(cfg, []).fit(module, datamodule=dm)
+    train_count = prepared.manifest["splits"]["train"]["count"]
+    assert len(seen) == 1 and len(seen[0]) == train_count < 5000
+    assert seen[0].dtype == torch.float32 and 0 <= seen[0].min() < seen[0].max() <= 1
+    assert not torch.allclose(net.net.stem[0].weight, before)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import tiny_overrides
 from visionflow.callbacks.stopping import TaskEarlyStopping
-from visionflow.core.config import load_config, to_container
+from visionflow.core.config import ConfigError, load_config, to_container
 from visionflow.core.factories import build_callbacks, build_model, build_trainer
 from visionflow.vision.modules import ClassificationModule
 
@@ -193,6 +193,7 @@ class _Record(pl.Callback):
 
     def __init__(self) -> None:
         self.lrs: list[float] = []
+        self.group_lrs: list[list[float]] = []
         self.grad_norms: list[float] = []
         self.grad_max: list[float] = []
         self.logits_dtypes: set[torch.dtype] = set()
@@ -204,6 +205,7 @@ class _Record(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.group_lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -325,6 +327,38 @@ def test_learning_rate_follows_the_schedule(tmp_path, overrides):
     else:  # one-cycle: warm-up over 25% of the steps from max_lr / 25
         assert lrs[0] == pytest.approx(lr / 25)
         assert _rising_then_falling(lrs) == 12 and lrs[-1] < lr / 1000
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["optim=sgd"], ["optim/scheduler=cosine_warmup"]],
+    ids=["sgd_one_cycle", "adamw_cosine_warmup"],
+)
+def test_norm_lr_scale_speeds_up_normalisation_parameters_only(tmp_path, overrides):
+    trainer, record = _fit(tmp_path, *overrides, "optim.norm_lr_scale=64", batches=12)
+    optimizer = trainer.optimizers[0]
+    plain, norms = optimizer.param_groups
+    bn = trainer.lightning_module.net.net.features[0][1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    assert {id(bn.weight), id(bn.bias)} <= {id(p) for p in norms["params"]}
+    conv = trainer.lightning_module.net.net.features[0][0]
+    assert id(conv.weight) in {id(p) for p in plain["params"]}
+    assert {id(p) for p in plain["params"]} | {id(p) for p in norms["params"]} == {
+        id(p) for p in trainer.lightning_module.parameters()
+    }
+    # At every step of the schedule, warm-up and decay alike: 64x the rate, the same decay.
+    assert len(record.group_lrs) == 12 and len(set(lrs[0] for lrs in record.group_lrs)) > 2
+    for lr, norm_lr in record.group_lrs:
+        assert norm_lr == pytest.approx(64 * lr)
+    assert norms["weight_decay"] * norms["lr"] == pytest.approx(plain["weight_decay"] * plain["lr"])
+    assert plain["weight_decay"] == optimizer.defaults["weight_decay"] > 0
+
+
+def test_norm_lr_scale_of_one_keeps_one_group_and_a_bad_scale_is_refused(tmp_path):
+    trainer, _ = _fit(tmp_path, batches=2)
+    assert len(trainer.optimizers[0].param_groups) == 1
+    with pytest.raises(ConfigError, match="optim.norm_lr_scale must be > 0, got -1.0"):
+        _fit(tmp_path, "optim.norm_lr_scale=-1", batches=2)
 
 
 def test_label_smoothing_applies_to_the_training_loss_only(tmp_path):

@@ -74,6 +74,9 @@ class OptimConfig:
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] | None = None
     label_smoothing: float = 0.0
+    # Learning rate of normalisation layers' parameters as a multiple of the optimizer's; their
+    # weight decay is divided by it, so it stays the same per step.
+    norm_lr_scale: float = 1.0
 
 
 @dataclass

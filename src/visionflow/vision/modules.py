@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from visionflow.core.config import ConfigError
 from visionflow.vision.models.checkpointing import enable_gradient_checkpointing
 
 IGNORE_INDEX = 255  # mask pixels that count for nothing (COCO crowds, borders)
@@ -52,18 +53,67 @@ class VisionModule(pl.LightningModule):
         self.optim = optim
         self.input_size: int | None = None  # set by ProgressiveResizing: train at this size
 
+    def setup(self, stage: str) -> None:
+        """A network with a data-dependent initialisation (`init_from_data(images)`, such as
+        fast_cifar's whitened stem) gets it from the first training images here: before DDP
+        copies rank 0's weights to the other ranks, and before a resumed run's checkpoint
+        replaces it."""
+        init = getattr(self.net, "init_from_data", None)
+        if stage != "fit" or init is None:
+            return
+        if self.trainer.datamodule is None:
+            raise RuntimeError(
+                f"{type(self.net).__name__} initialises itself from the training data: "
+                "fit it with a datamodule"
+            )
+        images, count = [], 0
+        for batch in self.trainer.datamodule.train_dataloader():
+            images.append(batch[0].cpu())
+            count += len(batch[0])
+            if count >= DATA_INIT_IMAGES:
+                break
+        init(torch.cat(images)[:DATA_INIT_IMAGES])
+
     def configure_optimizers(self):
-        optimizer = instantiate(self.optim["optimizer"], params=self.parameters())
+        optimizer = instantiate(self.optim["optimizer"], _partial_=True)(self._param_groups())
+        for group in optimizer.param_groups:
+            if group["lr_scale"] != 1.0:  # a scaled step, the same decay per step
+                group["lr"] *= group["lr_scale"]
+                group["weight_decay"] /= group["lr_scale"]
         if not self.optim.get("scheduler"):
             return optimizer
         make = instantiate(self.optim["scheduler"])
         scheduler = make(
-            optimizer, **_schedule_length(make, self.trainer.estimated_stepping_batches)
+            optimizer,
+            **_schedule_length(make, self.trainer.estimated_stepping_batches),
+            **_per_group_max_lr(make, optimizer),
         )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One group, or two when `optim.norm_lr_scale` != 1: normalisation layers' parameters
+        (BatchNorm, GroupNorm, LayerNorm scales and shifts) step `norm_lr_scale` times faster
+        with their weight decay divided by it, so that they decay as much per step as the rest.
+        A high rate for BatchNorm shifts is what lets short schedules converge (airbench)."""
+        scale = float(self.optim.get("norm_lr_scale", 1.0))
+        if scale <= 0:
+            raise ConfigError(f"optim.norm_lr_scale must be > 0, got {scale}")
+        if scale == 1.0:
+            return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+        norms = {
+            id(p)
+            for m in self.modules()
+            if isinstance(m, NORM_LAYERS)
+            for p in m.parameters(recurse=False)
+        }
+        params = list(self.parameters())
+        return [
+            {"params": [p for p in params if id(p) not in norms], "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) in norms], "lr_scale": scale},
+        ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visionflow"] = self.spec
@@ -250,6 +300,8 @@ def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return tp / union, tp.sum() / confusion.sum().clamp(min=1)
 
 
+DATA_INIT_IMAGES = 5000  # training images a data-dependent initialisation sees
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # What a scheduler's state says about the run's length (OneCycleLR's, CosineAnnealingLR's).
 SCHEDULE_LENGTH_KEYS = ("total_steps", "_schedule_phases", "T_max")
 
@@ -270,3 +322,12 @@ def _schedule_length(make, total_steps: int) -> dict[str, int]:
             # OneCycleLR divides by its phase lengths: a smoke run of a few steps would crash.
             return {name: max(int(total_steps), 8)}
     return {}
+
+
+def _per_group_max_lr(make, optimizer: torch.optim.Optimizer) -> dict[str, list[float]]:
+    """OneCycleLR sets absolute rates from `max_lr`: one number becomes one per group, scaled
+    like the groups' own rates (other schedules scale each group's rate and need nothing)."""
+    max_lr = getattr(make, "keywords", {}).get("max_lr")
+    if not isinstance(max_lr, int | float):
+        return {}
+    return {"max_lr": [max_lr * group["lr_scale"] for group in optimizer.param_groups]}

@@ -10,8 +10,9 @@ Choices that matter for short schedules:
   invariant, so weight decay sets the effective step size and high learning rates stay stable.
 - `logit_scale` < 1 keeps early logits small, which works like a gentler head learning rate.
 - The 2x2 stem is frozen: pairs of opposite filters (so GELU loses nothing) over an orthonormal
-  basis of the 12-dim patch space, or, after `whiten_stem(images)`, over the patches' whitening
-  basis, which trains noticeably faster. Only its bias learns.
+  basis of the 12-dim patch space, replaced by the patches' whitening basis (which trains
+  noticeably faster) when training starts: the training module calls `init_from_data` with the
+  first 5,000 training images. Only the stem's bias learns.
 - Each convolution starts as an identity on its first input channels (dirac), plus noise.
 """
 
@@ -28,8 +29,8 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-def _norm(channels: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels, momentum=0.4)  # a short schedule: follow recent batches
+def _norm(channels: int, momentum: float) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, momentum=momentum)
     bn.weight.requires_grad_(False)
     return bn
 
@@ -37,13 +38,13 @@ def _norm(channels: int) -> nn.BatchNorm2d:
 class ConvStage(nn.Module):
     """conv → max-pool → BN → GELU → conv → BN → GELU; halves the resolution."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, bn_momentum: float) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = _norm(cout)
+        self.norm1 = _norm(cout, bn_momentum)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.norm2 = _norm(cout)
+        self.norm2 = _norm(cout, bn_momentum)
         self.act = nn.GELU()
         for conv in (self.conv1, self.conv2):
             with torch.no_grad():
@@ -63,6 +64,7 @@ class FastCIFARNet(nn.Module):
         widths: tuple[int, int, int] = (64, 256, 256),
         stem_width: int = 24,
         logit_scale: float = 1 / 9,
+        bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
         if stem_width % 2:
@@ -72,7 +74,7 @@ class FastCIFARNet(nn.Module):
         self._set_stem(basis.repeat(stem_width // 24 + 1, 1)[: stem_width // 2])
         chans = (stem_width, *widths)
         self.stages = nn.Sequential(
-            *(ConvStage(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True))
+            *(ConvStage(a, b, bn_momentum) for a, b in zip(chans[:-1], chans[1:], strict=True))
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
@@ -105,10 +107,25 @@ class FastCIFARNet(nn.Module):
         return self.head(self.forward_features(x)) * self.logit_scale
 
 
+class FastCIFAR(Normalized):
+    """The registered model: standardises [0, 1] input, and whitens its stem from data."""
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """`images` in [0, 1], N x 3 x H x W: set the stem to whiten their 2x2 patches."""
+        self.net.whiten_stem((images.to(self.mean) - self.mean) / self.std)
+
+
 @MODELS.register("fast_cifar")
 def fast_cifar(
-    num_classes: int, width: int = 64, wide_width: int = 256, logit_scale: float = 1 / 9
+    num_classes: int,
+    width: int = 64,
+    wide_width: int = 256,
+    logit_scale: float = 1 / 9,
+    bn_momentum: float = 0.1,
 ) -> nn.Module:
     """The fast CIFAR net: stage widths (width, wide_width, wide_width)."""
-    net = FastCIFARNet(num_classes, (width, wide_width, wide_width), logit_scale=logit_scale)
-    return Normalized(net, mean=CIFAR_MEAN, std=CIFAR_STD)
+    net = FastCIFARNet(
+        num_classes, (width, wide_width, wide_width), logit_scale=logit_scale,
+        bn_momentum=bn_momentum,
+    )  # fmt: skip
+    return FastCIFAR(net, mean=CIFAR_MEAN, std=CIFAR_STD)
