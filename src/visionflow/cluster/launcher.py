@@ -23,23 +23,19 @@ What the launcher relies on, and why:
   `get` the named Secrets (a Role with resourceNames), the same check runs before anything is
   created, which saves waiting for a GPU node to be scheduled only to find a Secret missing; a
   403 on that read is not an error, only a note that the check moves to the pods.
-- The Master's log is followed (`follow=True`) in a daemon thread, one stream per container
-  instance, and handed to the calling thread through a queue: lines arrive as they are written,
-  none twice (a stream that breaks is reopened and the lines already seen are skipped), and
-  `log` is only ever called from the calling thread.
+- The Master's log is followed as `masterlog` describes: lines arrive as they are written, none
+  twice, and `log` is only ever called from the calling thread.
 - The API server may be briefly unreachable during a long training: polling tolerates that for
   `API_GRACE_S`; before the job exists, any failure to reach it is an immediate LaunchError.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import hashlib
 import json
 import logging
-import queue
 import re
 import signal
 import threading
@@ -47,19 +43,23 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from visionflow.cluster.kubeapi import (
+    CONNECT_TIMEOUT_S,
+    READ_TIMEOUT_S,
+    error_status,
+    is_transient,
+    is_unreachable,
+)
+from visionflow.cluster.masterlog import MasterLog
+
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
-CONTAINER = "pytorch"
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
 MANIFEST_HASH_ANNOTATION = "visionflow/manifest-sha256"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
-TAIL_LINES = 30  # of the Master's log, in a failure's message
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 30.0
 API_GRACE_S = 60.0  # how long polling rides out an unreachable API server
-LOG_GRACE_S = 10.0  # how long a finished job's log stream may take to deliver its last lines
 PROPAGATION = "Foreground"  # the job goes away after its pods: a rerun can reuse the name
 
 _log = logging.getLogger(__name__)
@@ -215,89 +215,7 @@ def _sigterm_raises(label: str) -> Iterator[_Guard]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# --- errors from the API ------------------------------------------------------------------------
-
-
-def _status(exc) -> tuple[str, dict[str, Any]]:
-    """The message and details of an ApiException's Status body (or its raw body)."""
-    body = getattr(exc, "body", None) or ""
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    try:
-        parsed = json.loads(body)
-    except (TypeError, ValueError):
-        return (body.strip() or str(getattr(exc, "reason", "") or exc)), {}
-    if not isinstance(parsed, dict):
-        return str(parsed), {}
-    return str(parsed.get("message") or getattr(exc, "reason", "") or body), parsed.get(
-        "details"
-    ) or {}
-
-
-def _is_unreachable(exc: BaseException) -> bool:
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
-
-    if isinstance(exc, ApiException):
-        return exc.status == 0
-    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from kubernetes.client.exceptions import ApiException
-
-    if isinstance(exc, ApiException) and exc.status:
-        return exc.status == 429 or exc.status >= 500
-    return _is_unreachable(exc)
-
-
 # --- the launch ---------------------------------------------------------------------------------
-
-
-class _Follower(threading.Thread):
-    """Follows one container instance's log; hands (key, line) to the queue, then (key, None)."""
-
-    def __init__(self, core, namespace: str, pod: str, key: tuple, skip: int, out: queue.Queue):
-        super().__init__(name=f"log-{pod}", daemon=True)
-        self.core, self.namespace, self.pod, self.key = core, namespace, pod, key
-        self.skip, self.out = skip, out
-        self.complete = False  # the stream ended normally (the container exited)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            resp = self.core.read_namespaced_pod_log(
-                self.pod, self.namespace, container=CONTAINER, follow=True,
-                _preload_content=False, _request_timeout=(CONNECT_TIMEOUT_S, None),
-            )  # fmt: skip
-            try:
-                for n, line in enumerate(_lines(resp), 1):
-                    if n > self.skip:
-                        self.out.put((self.key, line))
-            finally:
-                resp.close()
-            self.complete = True
-        except BaseException as exc:  # noqa: BLE001 - reported by the launch loop
-            self.error = exc
-        finally:
-            self.out.put((self.key, None))
-
-
-def _lines(resp) -> Iterator[str]:
-    """Lines of a streamed (chunked) response as they arrive, the last one even without '\\n'."""
-    buffer = bytearray()
-    chunks = (
-        resp.stream(amt=None, decode_content=False)
-        if resp.chunked
-        else iter(lambda: resp.read1(65536), b"")
-    )
-    for chunk in chunks:
-        buffer.extend(chunk if isinstance(chunk, bytes) else chunk.encode())
-        while (nl := buffer.find(b"\n")) != -1:
-            yield buffer[:nl].decode("utf-8", "replace").rstrip("\r")
-            del buffer[: nl + 1]
-    if buffer:
-        yield buffer.decode("utf-8", "replace").rstrip("\r")
 
 
 class _Launch:
@@ -307,19 +225,14 @@ class _Launch:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.host = api.configuration.host
-        self.job, self.poll_s, self.log = job, poll_s, log
+        self.job, self.poll_s = job, poll_s
         self.name, self.ns = job["metadata"]["name"], job["metadata"]["namespace"]
         self.label = f"{self.ns}/{self.name}"
         self.refs = _secret_refs(job)
         self.required = list(dict.fromkeys([*required_secrets, *sorted(self.refs)]))
         self.owned = False  # this call created or adopted the job: it deletes it on the way out
-        self.lines: queue.Queue = queue.Queue()
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self.seen: dict[tuple, int] = collections.defaultdict(int)  # lines per container instance
-        self.done_keys: set[tuple] = set()  # instances streamed to their end
-        self.follower: _Follower | None = None
-        self.master: dict[str, Any] | None = None
         self.noted: set[str] = set()  # pod notes already logged
+        self.master_log = MasterLog(self.core, self.ns, log, self.note)
         self.unreachable_since: float | None = None
 
     # - the whole life ---------------------------------------------------------------------------
@@ -351,7 +264,7 @@ class _Launch:
             err.status = exc.status
             raise err from None
         except Exception as exc:
-            if _is_unreachable(exc):
+            if is_unreachable(exc):
                 raise self.unreachable(what, exc) from None
             raise
 
@@ -364,7 +277,7 @@ class _Launch:
         )
 
     def api_error(self, what: str, exc) -> LaunchError:
-        message, details = _status(exc)
+        message, details = error_status(exc)
         if exc.status == 401:
             return LaunchError(
                 f"the Kubernetes API server at {self.host} rejected our credentials ({what}): "
@@ -519,14 +432,14 @@ class _Launch:
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 raise
             now = time.monotonic()
             if self.unreachable_since is None:
                 self.unreachable_since = now
                 _log.warning("%s failed (%s); retrying for up to %.0f s", what, exc, self.grace)
             if now - self.unreachable_since > self.grace:
-                if _is_unreachable(exc):
+                if is_unreachable(exc):
                     raise self.unreachable(what, exc) from None
                 raise LaunchError(f"{what} kept failing for {self.grace:.0f} s: {exc}") from None
             return None
@@ -542,11 +455,11 @@ class _Launch:
 
         last_state = None
         while True:
-            self.drain(min(time.monotonic() + self.poll_s, deadline))
+            self.master_log.drain(min(time.monotonic() + self.poll_s, deadline))
             if time.monotonic() >= deadline:
                 raise LaunchTimeout(
                     f"PyTorchJob {self.label} did not finish before the timeout "
-                    f"(state: {last_state or 'not started'}); deleting it{self.tail_text()}"
+                    f"(state: {last_state or 'not started'}); deleting it{self.master_log.tail_text()}"
                 )
             try:
                 obj = self.poll(f"reading PyTorchJob {self.label}", self.custom.get_namespaced_custom_object,
@@ -569,12 +482,12 @@ class _Launch:
             if pods is not None:
                 self.inspect(pods)
             if state in ("Succeeded", "Failed"):
-                complete = self.finish_log()
+                complete = self.master_log.finish()
                 if state == "Succeeded":
                     return obj
                 raise LaunchError(
                     f"PyTorchJob {self.label} failed: {condition.get('message') or condition.get('reason') or 'no message'}"
-                    f"{self.tail_text(complete)}"
+                    f"{self.master_log.tail_text(complete)}"
                 )
 
     def list_pods(self, **kwargs) -> list[dict[str, Any]]:
@@ -584,7 +497,7 @@ class _Launch:
             resp = self.core.list_namespaced_pod(self.ns, label_selector=f"{JOB_NAME_LABEL}={self.name}",
                                                  _preload_content=False, **kwargs)  # fmt: skip
         except ApiException as exc:
-            if _is_transient(exc):
+            if is_transient(exc):
                 raise  # poll() rides it out
             raise self.api_error(f"listing the pods of PyTorchJob {self.label}", exc) from None
         return json.loads(resp.data).get("items") or []
@@ -619,8 +532,8 @@ class _Launch:
             if _is_master(p) and not (p.get("metadata") or {}).get("deletionTimestamp")
         ]
         masters.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
-        self.master = masters[-1] if masters else None
-        self.follow_master()
+        self.master_log.pod = masters[-1] if masters else None
+        self.master_log.follow()
 
     def note(self, text: str) -> None:
         if text not in self.noted:
@@ -633,94 +546,6 @@ class _Launch:
         if m := re.search(r"couldn't find key (\S+) in Secret ([^/\s]+)/(\S+)", message):
             return self.missing_key(m.group(3), m.group(1)) + f" (pod {pod}: {message})"
         return f"pod {pod}: container {container} cannot be configured: {message}"
-
-    # - the Master's log ---------------------------------------------------------------------------
-
-    def master_instance(self) -> tuple[str, tuple, dict[str, Any]] | None:
-        """(pod name, instance key, container state) of the Master's training container."""
-        if self.master is None:
-            return None
-        meta, status = self.master.get("metadata") or {}, self.master.get("status") or {}
-        for cs in status.get("containerStatuses") or []:
-            if cs.get("name") == CONTAINER:
-                key = (meta.get("uid") or meta.get("name"), int(cs.get("restartCount") or 0))
-                return meta.get("name"), key, cs.get("state") or {}
-        return None
-
-    def follow_master(self) -> None:
-        if self.follower is not None and self.follower.is_alive():
-            return
-        instance = self.master_instance()
-        if instance is None:
-            return
-        pod, key, state = instance
-        if key in self.done_keys or not (state.get("running") or state.get("terminated")):
-            return
-        self.drain(time.monotonic())  # count every line of a previous stream before skipping them
-        self.follower = _Follower(self.core, self.ns, pod, key, self.seen[key], self.lines)
-        self.follower.start()
-
-    def drain(self, until: float) -> None:
-        """Hand queued log lines to `log` until `until` (at least those already queued)."""
-        while True:
-            remaining = until - time.monotonic()
-            try:
-                key, line = (
-                    self.lines.get(timeout=remaining) if remaining > 0 else self.lines.get_nowait()
-                )
-            except queue.Empty:
-                return
-            if line is None:
-                self.stream_ended(key)
-                continue
-            self.seen[key] += 1
-            self.tail.append(line)
-            self.log(line)
-
-    def stream_ended(self, key: tuple) -> None:
-        """A log stream ended: done if its container had exited, else it is reopened next poll."""
-        follower = self.follower
-        if follower is None or follower.key != key:
-            return
-        if follower.error is not None:
-            self.note(f"following the Master's log failed ({follower.error}); retrying")
-            return
-        instance = self.master_instance()
-        if instance is not None and instance[1] == key and instance[2].get("terminated"):
-            self.done_keys.add(key)
-
-    def finish_log(self) -> bool:
-        """After the job ended: deliver the Master's last lines. True when the log is complete."""
-        self.follow_master()
-        follower = self.follower
-        if follower is not None:
-            follower.join(LOG_GRACE_S)
-        self.drain(time.monotonic())
-        return follower is not None and not follower.is_alive() and follower.complete
-
-    def tail_text(self, complete: bool = True) -> str:
-        lines = list(self.tail)
-        if not complete or not lines:
-            fetched = self.fetch_tail()
-            if isinstance(fetched, list):
-                lines = fetched
-            elif not lines:
-                return f"\n(no log from the Master: {fetched})"
-        text = "\n".join(f"  | {line}" for line in lines[-TAIL_LINES:])
-        return f"\nlast {min(len(lines), TAIL_LINES)} lines of the Master's log:\n{text}"
-
-    def fetch_tail(self) -> list[str] | str:
-        instance = self.master_instance()
-        if instance is None:
-            return "its pod was not found"
-        try:
-            text = self.core.read_namespaced_pod_log(
-                instance[0], self.ns, container=CONTAINER, tail_lines=TAIL_LINES,
-                _request_timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-            )  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - the failure is reported, not this
-            return f"reading it failed: {_status(exc)[0] if hasattr(exc, 'body') else exc}"
-        return text.splitlines()
 
     # - cleaning up --------------------------------------------------------------------------------
 
