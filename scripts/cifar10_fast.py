@@ -147,7 +147,6 @@ def run(root: Path, workdir: Path, overrides: list[str], variants: list[list[str
     for extra in [[], *variants]:
         vcfg = load_config(base + extra)
         net.load_state_dict(initial)  # fresh weights and BatchNorm statistics, same compiled code
-        module.train()
         module.optim = to_container(vcfg.optim)
         module.label_smoothing = float(vcfg.optim.label_smoothing)
         pl.seed_everything(vcfg.seed, verbose=False)

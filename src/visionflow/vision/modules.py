@@ -101,15 +101,15 @@ class VisionModule(pl.LightningModule):
         scale = float(self.optim.get("norm_lr_scale", 1.0))
         if scale <= 0:
             raise ConfigError(f"optim.norm_lr_scale must be > 0, got {scale}")
+        params = list(self.parameters())
         if scale == 1.0:
-            return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+            return [{"params": params, "lr_scale": 1.0}]
         norms = {
             id(p)
             for m in self.modules()
             if isinstance(m, NORM_LAYERS)
             for p in m.parameters(recurse=False)
         }
-        params = list(self.parameters())
         return [
             {"params": [p for p in params if id(p) not in norms], "lr_scale": 1.0},
             {"params": [p for p in params if id(p) in norms], "lr_scale": scale},
