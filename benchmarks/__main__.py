@@ -2,9 +2,9 @@
 
 import argparse
 
-from benchmarks import train_step
+from benchmarks import int8, train_step
 
-BENCHES = {"train_step": train_step}
+BENCHES = {"train_step": train_step, "int8": int8}
 
 
 def main() -> None:

@@ -28,10 +28,11 @@ def evaluate(
         report: The evaluation picture and the per-class table.
     """
     from visionflow.pipeline_io import evaluation_html, step_config, uri_of
+    from visionflow.retry import retrying
     from visionflow.steps.evaluate import evaluate as run
 
     cfg = step_config(overrides, run_id)
-    r = run(cfg, dataset_id=dataset.metadata["dataset_id"], checkpoint_uri=uri_of(model))
+    r = retrying(run)(cfg, dataset_id=dataset.metadata["dataset_id"], checkpoint_uri=uri_of(model))
     for name, value in r.metrics.items():
         metrics.log_metric("test_" + name.replace("/", "_"), value)
     metrics.log_metric("gate_passed", float(r.gate_passed))

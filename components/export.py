@@ -26,9 +26,10 @@ def export(
         parity: Max |logit difference| and top-1 agreement of each export.
     """
     from visionflow.pipeline_io import step_config, uri_of, write_pointer
+    from visionflow.retry import retrying
     from visionflow.steps.export import export as run
 
-    r = run(
+    r = retrying(run)(
         step_config(overrides, run_id),
         dataset_id=dataset.metadata["dataset_id"],
         checkpoint_uri=uri_of(model),

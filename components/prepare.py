@@ -15,9 +15,10 @@ def prepare(overrides: list, run_id: str, dataset: Output[Dataset], report: Outp
         report: Split sizes and the files that were skipped as unusable.
     """
     from visionflow.pipeline_io import prepare_report, step_config, write_pointer
+    from visionflow.retry import retrying
     from visionflow.steps.prepare import prepare as run
 
-    r = run(step_config(overrides, run_id))
+    r = retrying(run)(step_config(overrides, run_id))
     m = r.manifest
     write_pointer(dataset, r.uri, dataset_id=r.dataset_id, classes=m["classes"],
                   counts={s: m["splits"][s]["count"] for s in m["splits"]},

@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -12,29 +12,38 @@ def quantize(
     onnx: Input[Model],
     int8: Output[Model],
     metrics: Output[Metrics],
+    report: Output[Markdown],
 ):
-    """int8 static quantization; metric drop and speed-up against fp32 measured side by side.
+    """Portable int8 static quantization, measured against fp32 side by side on this host.
 
-    For a task without int8 support (detection) it records why and the run goes on with fp32.
+    int8 that loses more than `quantize.max_accuracy_drop` points is rejected and the run goes on
+    with fp32 (`quantize.required=true` fails instead); a task without int8 support (detection)
+    records why and goes on with fp32.
 
     Args:
         overrides: Hydra overrides for this run.
         run_id: The run's id.
         dataset: The prepared dataset (training images calibrate, test images measure).
         onnx: The fp32 ONNX model.
-        int8: The int8 ONNX model (its uri is empty where the task has none).
-        metrics: The task's metric for both, the drop in points, the speed-ups at batch 1 and 64.
+        int8: The int8 ONNX model (its uri is empty where none was stored, with the reason).
+        metrics: The task's metric for both, the drop in points, agreement, speed-ups at batch 1 and 64.
+        report: fp32 and int8 side by side, the host's CPU, and which variant is faster there.
     """
-    from visionflow.pipeline_io import step_config, uri_of, write_pointer
+    from visionflow.pipeline_io import quantize_report, step_config, uri_of, write_pointer
+    from visionflow.retry import retrying
     from visionflow.steps.quantize import quantize as run
 
-    r = run(
+    r = retrying(run)(
         step_config(overrides, run_id),
         dataset_id=dataset.metadata["dataset_id"],
         onnx_uri=uri_of(onnx),
     )
-    write_pointer(int8, r.int8_uri, supported=r.supported, reason=r.reason,
-                  accuracy_drop=r.accuracy_drop, speedup_b64=r.speedup_b64)  # fmt: skip
+    write_pointer(int8, r.int8_uri, status=r.status, reason=r.reason, accuracy_drop=r.accuracy_drop,
+                  speedup_b1=r.speedup_b1, speedup_b64=r.speedup_b64, serve_variant=r.serve_variant)  # fmt: skip
     for key in ("fp32_score", "int8_score", "accuracy_drop", "speedup_b1", "speedup_b64"):
         if getattr(r, key) is not None:
             metrics.log_metric(key, getattr(r, key))
+    if r.parity is not None:
+        metrics.log_metric("agreement", r.parity.agreement)
+    with open(report.path, "w") as f:
+        f.write(quantize_report(r))

@@ -33,12 +33,13 @@ def register(
     import json
 
     from visionflow.pipeline_io import step_config, uri_of
+    from visionflow.retry import retrying
     from visionflow.runs import summary
     from visionflow.steps.register import register as run
     from visionflow.storage import open_store
 
     cfg = step_config(overrides, run_id)
-    r = run(cfg, dataset_id=dataset.metadata["dataset_id"], onnx_uri=uri_of(onnx), int8_uri=uri_of(int8),
+    r = retrying(run)(cfg, dataset_id=dataset.metadata["dataset_id"], onnx_uri=uri_of(onnx), int8_uri=uri_of(int8),
             torchscript_uri=uri_of(torchscript), gate_passed=gate_passed)  # fmt: skip
     with open(report.path, "w") as f:
         f.write(f"**{r.model_name} v{r.model_version}**; champion: {r.champion} ({r.reason})\n")

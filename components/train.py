@@ -26,10 +26,11 @@ def train(
         metrics: The best value of the task's validation metric, and training length.
     """
     from visionflow.pipeline_io import step_config, write_pointer
+    from visionflow.retry import retrying
     from visionflow.steps.train import train_anywhere
 
     cfg = step_config(overrides, run_id)
-    r = train_anywhere(cfg, overrides, dataset_id=dataset.metadata["dataset_id"])
+    r = retrying(train_anywhere)(cfg, overrides, dataset_id=dataset.metadata["dataset_id"])
     write_pointer(model, r.checkpoint_uri, mlflow_run_id=r.mlflow_run_id, spec=r.spec,
                   monitor=r.monitor, best_score=r.best_score,
                   resumed_from_step=r.resumed_from_step)  # fmt: skip

@@ -23,10 +23,15 @@ S3_SECRET_KEYS = {
 }
 
 
-def on_cluster(task: dsl.PipelineTask, retries: int = 2) -> dsl.PipelineTask:
-    """S3 credentials from the Secret, and retries for transient errors (network, MinIO, MLflow)."""
+def on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """S3 credentials from the Secret.
+
+    No KFP retries here: KFP v2 retries a task whatever made it fail, so a failed gate or bad
+    input would run again to the same end. Each component retries its step in process for
+    transient causes only (visionflow.retry: network, MinIO, MLflow); only train keeps a KFP
+    retry, for a lost pod.
+    """
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
-    task.set_retry(num_retries=retries, backoff_duration="10s", backoff_factor=2.0)
     return task
 
 
@@ -61,9 +66,11 @@ def training_pipeline(
     train_task = train(**common, dataset=dataset)
     # The train step's own pod only launches and follows a PyTorchJob, whose pods get the GPUs,
     # node selectors, tolerations and shared memory (cluster.* config); it runs under the run's
-    # service account (the chart's, allowed to manage PyTorchJobs). A retry resumes from the
-    # last checkpoint. Never cached: a rerun must train, even with the same inputs.
-    on_cluster(train_task, retries=1)
+    # service account (the chart's, allowed to manage PyTorchJobs). Its one KFP retry (for a lost
+    # pod) resumes from the last checkpoint. Never cached: a rerun must train, even with the same
+    # inputs.
+    on_cluster(train_task)
+    train_task.set_retry(num_retries=1, backoff_duration="10s")
     train_task.set_caching_options(enable_caching=False)
     model_ckpt = train_task.outputs["model"]
     eval_task = evaluate(**common, dataset=dataset, model=model_ckpt)

@@ -118,3 +118,34 @@ def evaluation_html(cfg, result) -> str:
         f'<img src="data:image/png;base64,{png}"/>'
         f"<table border=1><tr>{head}</tr>{rows}</table></body></html>"
     )
+
+
+def quantize_report(r) -> str:
+    """fp32 and int8 side by side, for the Kubeflow UI; a plain verdict first."""
+    from visionflow.steps.quantize import speed_verdict
+
+    lines = ["# int8 quantization", ""]
+    if r.status == "unsupported":
+        return "\n".join([*lines, r.reason, ""])
+    verdict = (
+        speed_verdict(r) if r.status == "stored" else f"**{r.reason}**; the run goes on with fp32."
+    )
+    if r.status == "stored" and r.serve_variant != "int8":
+        verdict = f"**{verdict}**"
+    lines += [verdict, "", "| | fp32 | int8 |", "|---|---|---|"]
+    lines.append(f"| test {r.metric} | {r.fp32_score:.4f} | {r.int8_score:.4f} |")
+    for b in (1, 64):
+        if f"fp32_b{b}" in r.latency_ms:
+            lines.append(
+                f"| ms per batch of {b} | {r.latency_ms[f'fp32_b{b}']:.2f} | "
+                f"{r.latency_ms[f'int8_b{b}']:.2f} |"
+            )
+    lines += [
+        "",
+        f"Drop: {r.accuracy_drop:.2f} points; the same decision as fp32 on "
+        f"{r.parity.agreement:.2%} of {r.parity.samples} test images.",
+        "",
+        f"Host: {r.host['cpu']} ({r.host['arch']}; {r.host['flags'] or 'no flags read'}).",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in r.settings.items()) + ".",
+    ]
+    return "\n".join(lines) + "\n"

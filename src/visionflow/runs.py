@@ -54,10 +54,7 @@ def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, A
         f"test_{evaluation['metric']}": evaluation["score"],
         "onnx_max_abs_diff": r["export"]["onnx"]["max_abs_diff"],
         "torchscript_max_abs_diff": r["export"]["torchscript"]["max_abs_diff"],
-        "int8": quantized["reason"] or "measured",
-        "int8_accuracy_drop": quantized["accuracy_drop"],
-        "int8_speedup_b1": quantized["speedup_b1"],
-        "int8_speedup_b64": quantized["speedup_b64"],
+        **int8_summary(quantized),
         "dataset_id": r["prepare"]["dataset_id"],
         "artifacts": {
             "dataset": r["prepare"]["uri"],
@@ -68,6 +65,31 @@ def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, A
             "evaluation_figure": evaluation["figure_png"],
             "registered_model": r["register"]["model_uri"],
         },
+    }
+
+
+def int8_summary(q: dict[str, Any]) -> dict[str, Any]:
+    """What the summary says of int8: whether it was stored, rejected (and why) or unsupported;
+    its figures only where it was stored; which variant was faster on quantize's host."""
+    stored = q["status"] == "stored"
+    figures = {
+        "int8_accuracy_drop": q["accuracy_drop"],
+        "int8_agreement": q["parity"]["agreement"] if q["parity"] else None,
+        "int8_speedup_b1": q["speedup_b1"],
+        "int8_speedup_b64": q["speedup_b64"],
+    }
+    return {
+        "int8": q["status"],
+        "int8_rejected": q["reason"] if q["status"] == "rejected" else None,
+        **{k: v if stored else None for k, v in figures.items()},
+        # per batch size, the faster variant on quantize's host (the speed-ups say by how much)
+        "faster_variant": {
+            f"batch_{b}": "int8" if q[f"speedup_b{b}"] > 1 else "fp32" for b in (1, 64)
+        }
+        if stored
+        else None,
+        "serve_variant": q["serve_variant"],
+        "quantize_host": f"{q['host']['cpu']} ({q['host']['flags']})" if q["host"] else None,
     }
 
 

@@ -19,9 +19,15 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from visionflow.retry import TransientError
+
 
 class StorageError(RuntimeError):
     """The store cannot be used: unreachable, missing bucket, missing key, bad credentials."""
+
+
+class StorageUnreachable(StorageError, TransientError):
+    """The S3 endpoint did not answer (it may later: steps retry this)."""
 
 
 class ArtifactStore(Protocol):
@@ -158,7 +164,7 @@ class S3Store:
                 f"S3 endpoint {self.endpoint} refused access: {err.code} {err.message}"
             ) from None
         except (urllib3.exceptions.HTTPError, OSError) as err:
-            raise StorageError(f"cannot reach S3 endpoint {self.endpoint}: {err}") from None
+            raise StorageUnreachable(f"cannot reach S3 endpoint {self.endpoint}: {err}") from None
         if not found:
             raise StorageError(
                 f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it first "

@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from visionflow.retry import TransientError
+
 RUN_TAG = "visionflow.run_id"
 
 # A server that is down should fail a step in seconds, not after minutes of retries.
@@ -23,8 +25,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-class TrackingError(RuntimeError):
-    """The tracking server cannot be used."""
+class TrackingError(TransientError):
+    """The tracking server does not answer (it may later: steps retry this)."""
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -28,9 +28,17 @@ def test_pipeline_runs_end_to_end_and_registers_a_new_version_each_time(tmp_path
         assert uri.startswith("models:/") or Path(uri).exists(), uri
     written = tmp_path / "runs" / first["visionflow_run_id"] / "summary.json"
     assert json.loads(written.read_text()) == first
+    # What the Kubeflow UI shows for quantize: both variants side by side, and which is faster.
+    report = sorted((tmp_path / "kfp").glob("visionflow-training-*/quantize/report"))[0]
+    verdict = {"int8": "int8 is faster than fp32 on this host", "fp32": "int8 is SLOWER than fp32"}
+    assert verdict[first["serve_variant"]] in report.read_text()
 
-    second = _summary(visionflow("pipeline", "run", *TINY, f"workdir={tmp_path}"))
+    # int8 that loses more than allowed (a bound no model meets) is rejected; the run goes on.
+    strict = "quantize.max_accuracy_drop=-101"
+    second = _summary(visionflow("pipeline", "run", *TINY, f"workdir={tmp_path}", strict))
     assert second["model_version"] == 2
+    assert second["int8"] == "rejected" and second["int8_rejected"].startswith("int8 rejected:")
+    assert second["int8_accuracy_drop"] is None and second["artifacts"]["onnx_int8"] == ""
     assert second["champion"] == (second["champion_version"] == 2)
     assert second["dataset_id"] == first["dataset_id"]  # the same data, prepared once
 
@@ -40,6 +48,19 @@ def test_pipeline_runs_end_to_end_and_registers_a_new_version_each_time(tmp_path
     artifacts = json.loads(outputs[-1].read_text())["artifacts"]
     matrix = artifacts["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [s["displayName"] for s in matrix["annotationSpecs"]][:2] == ["circle", "square"]
+
+
+def test_required_int8_that_loses_too_much_fails_the_run_at_once(tmp_path):
+    proc = visionflow("pipeline", "run", *TINY, f"workdir={tmp_path}",
+                      "quantize.max_accuracy_drop=-101", "quantize.required=true")  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "and quantize.required is set; nothing was stored" in out
+    assert "Inner task failed: 'quantize'" in proc.stderr
+    # Deterministic: quantize ran once, neither KFP nor the step retried it.
+    assert out.count("visionflow.quantize: int8:") == 1
+    assert "Retrying in" not in out and "transient failure" not in out
+    assert not list((tmp_path / "artifacts" / "models").glob("*/model.int8.onnx"))
 
 
 @pytest.mark.parametrize(
@@ -58,10 +79,10 @@ def test_detection_and_segmentation_run_through_the_pipeline(tmp_path, task, ove
     assert summary["model_name"] == f"visionflow-shapes-{task}" and summary["champion"]
     assert summary["onnx_max_abs_diff"] <= 1e-4
     if task == "detection":
-        assert summary["int8"].startswith("int8 quantization is not supported for detection")
-        assert summary["artifacts"]["onnx_int8"] == ""
+        assert summary["int8"] == "unsupported" and summary["int8_rejected"] is None
+        assert summary["artifacts"]["onnx_int8"] == "" and summary["serve_variant"] == "fp32"
     else:
-        assert summary["int8"] == "measured" and Path(summary["artifacts"]["onnx_int8"]).exists()
+        assert summary["int8"] == "stored" and Path(summary["artifacts"]["onnx_int8"]).exists()
     # What the Kubeflow UI shows for the evaluation: an HTML report with the task's metric.
     report = next((tmp_path / "kfp").glob("visionflow-training-*/evaluate/report"))
     assert f"Test {metric.removeprefix('test_')}" in report.read_text()

@@ -40,7 +40,13 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
         (secret,) = executor["secretAsEnv"]
         assert secret["secretName"] == "visionflow-minio"
     assert "enableCache" not in tasks["train"]["cachingOptions"]
+    # KFP retries whatever the cause, so only train (a lost pod resumes) keeps a KFP retry; the
+    # other steps retry transient causes in process (visionflow.retry).
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 1
+    assert [name for name, t in tasks.items() if "retryPolicy" in t] == ["train"]
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        body = executor["container"]["command"][-1]
+        assert "configure" in name or "retrying(" in body, name
 
 
 def test_components_only_call_into_the_package(tmp_path):

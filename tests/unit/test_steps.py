@@ -84,34 +84,122 @@ def test_export_matches_pytorch_and_has_a_dynamic_batch(tiny_run, tmp_path):
         assert out.shape == (batch, 5)
 
 
-def test_quantize_measures_int8_against_fp32(tiny_run):
+def test_quantize_measures_int8_against_fp32_on_this_host(tiny_run):
     cfg, r = tiny_run
     q = r["quantize"]
+    assert q.status == "stored" and q.metric == "accuracy" and q.reason == ""
     assert open_store(cfg.storage.root).exists("models/tiny-1/model.int8.onnx")
     assert set(q.latency_ms) == {"fp32_b1", "int8_b1", "fp32_b64", "int8_b64"}
     assert q.speedup_b64 == pytest.approx(q.latency_ms["fp32_b64"] / q.latency_ms["int8_b64"])
-    assert q.supported and q.metric == "accuracy"
     assert q.accuracy_drop == pytest.approx((q.fp32_score - q.int8_score) * 100)
+    faster = q.speedup_b1 > 1 and q.speedup_b64 > 1
+    assert q.serve_variant == ("int8" if faster else "fp32")
+    assert q.settings["reduce_range"] is True and q.host["cpu"]
+    assert q.parity.samples == 60 and 0 <= q.parity.agreement <= 1  # the claim: test_int8.py
 
 
-def test_quantize_fails_past_the_accuracy_bound_and_stores_nothing(tiny_run):
+def _weights(path):
+    """The quantized weights of an int8 ONNX model: int8 initializers that feed a
+    DequantizeLinear, with their zero points."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if (
+            node.op_type == "DequantizeLinear"
+            and init.get(node.input[0], np.zeros(0)).dtype == np.int8
+        ):
+            yield init[node.input[0]], init[node.input[2]]
+
+
+def test_int8_weights_fit_seven_bits_so_no_cpu_saturates(tiny_run, tmp_path):
+    """Portable by construction: VPMADDUBSW (AVX2, AVX-512 without VNNI) adds two uint8 x int8
+    products in 16 bits; with |w| <= 64 the sum stays below 32,767 on every host."""
+    cfg, r = tiny_run
+    local = open_store(cfg.storage.root).get_file(
+        "models/tiny-1/model.int8.onnx", tmp_path / "q.onnx"
+    )
+    weights = list(_weights(local))
+    assert len(weights) >= 4  # every conv and the classifier
+    for w, zero_point in weights:
+        assert np.all(zero_point == 0) and np.abs(w.astype(int)).max() <= 64
+        assert 2 * 255 * np.abs(w.astype(int)).max() <= 32767
+
+
+def test_host_cpu_names_the_model_and_its_int8_flags(tmp_path):
+    from visionflow.vision.inference import host_cpu
+
+    info = tmp_path / "cpuinfo"
+    cpu = "flags\t\t: fpu sse4_1 avx avx2 fma avx512f avx512bw avx512_vnni amx_int8 rdrand\n"
+    info.write_text(f"processor\t: 0\nmodel name\t: Xeon Test\n{cpu}\nprocessor\t: 1\n{cpu}")
+    host = host_cpu(info)
+    assert host["cpu"] == "Xeon Test"
+    assert host["flags"] == "sse4_1 avx avx2 fma avx512f avx512bw avx512_vnni amx_int8"
+    assert host_cpu(tmp_path / "absent")["flags"] == ""
+
+
+def _quantize_as(tiny_run, run_id: str, *more: str):
+    """quantize again under `run_id`, on the tiny run's dataset and export."""
     from visionflow.core.config import load_config
-    from visionflow.steps.quantize import QuantizeError, quantize
+    from visionflow.steps.quantize import quantize
 
     cfg, r = tiny_run
-    strict = load_config(
-        [
-            f"workdir={cfg.workdir}",
-            "experiment=shapes_tiny",
-            "run_id=strict",
-            "quantize.max_accuracy_drop=-1",
-        ]
+    again = load_config(
+        [f"workdir={cfg.workdir}", "experiment=shapes_tiny", f"run_id={run_id}", *more]
     )
-    with pytest.raises(
-        QuantizeError, match="more than quantize.max_accuracy_drop=-1.0; nothing was stored"
-    ):
-        quantize(strict, r["prepare"].dataset_id, r["export"].onnx_uri)
-    assert not open_store(cfg.storage.root).exists("models/strict/model.int8.onnx")
+    return again, quantize(again, r["prepare"].dataset_id, r["export"].onnx_uri)
+
+
+def test_int8_that_loses_too_much_is_rejected_and_the_run_goes_on(tiny_run):
+    # A bound no model can meet on any host: the drop is at least -100 points.
+    cfg, q = _quantize_as(tiny_run, "rejected", "quantize.max_accuracy_drop=-101")
+    assert q.status == "rejected" and q.int8_uri == "" and q.serve_variant == "fp32"
+    assert q.reason.startswith("int8 rejected: it loses")
+    assert "more than quantize.max_accuracy_drop=-101.0" in q.reason
+    assert q.latency_ms == {} and q.speedup_b64 is None  # a rejected model is not timed
+    store = open_store(cfg.storage.root)
+    assert not store.exists("models/rejected/model.int8.onnx")
+
+    # The run goes on: register takes the fp32 model, and says why there is no int8 file.
+    from visionflow.runs import summary
+    from visionflow.steps.register import register
+
+    for step in ("prepare", "train", "evaluate", "export"):  # the tiny run's, as this run's own
+        store.put_bytes(store.get_bytes(f"runs/tiny-1/{step}.json"), f"runs/rejected/{step}.json")
+    cfg.register.model_name = "visionflow-rejected"
+    g = register(cfg)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    version = mlflow.MlflowClient().get_model_version(g.model_name, str(g.model_version))
+    assert version.tags["int8"] == "rejected" and version.tags["int8_rejected"] == q.reason
+    assert "int8_accuracy_drop" not in version.tags and version.tags["serve_variant"] == "fp32"
+    assert "reduce_range=True" in version.tags["int8_settings"]
+    files = {
+        a.path for a in mlflow.MlflowClient().list_artifacts(version.run_id, "model/artifacts")
+    }
+    assert "model/artifacts/model.onnx" in files and not any("int8" in f for f in files)
+    model = mlflow.pyfunc.load_model(g.model_uri)
+    assert model.predict(np.random.rand(2, 3, 32, 32).astype(np.float32)).shape == (2, 5)
+    s = summary(store, "rejected", cfg.tracking.uri)
+    assert s["int8"] == "rejected" and s["int8_rejected"] == q.reason
+    assert s["int8_accuracy_drop"] is s["int8_speedup_b64"] is s["faster_variant"] is None
+    assert s["serve_variant"] == "fp32" and s["artifacts"]["onnx_int8"] == ""
+
+
+def test_required_int8_fails_the_step_and_stores_nothing(tiny_run):
+    from visionflow.retry import is_transient
+    from visionflow.steps.quantize import QuantizeError
+
+    with pytest.raises(QuantizeError, match="quantize.required is set; nothing was stored") as err:
+        _quantize_as(
+            tiny_run, "strict", "quantize.max_accuracy_drop=-101", "quantize.required=true"
+        )
+    assert not is_transient(err.value)  # so no retry runs it again
+    cfg, _ = tiny_run
+    store = open_store(cfg.storage.root)
+    assert not store.exists("models/strict/model.int8.onnx")
+    assert not store.exists("runs/strict/quantize.json")
 
 
 def test_register_creates_a_servable_version_with_lineage(tiny_run):
@@ -123,7 +211,13 @@ def test_register_creates_a_servable_version_with_lineage(tiny_run):
     assert version.tags["dataset_manifest"] == r["prepare"].dataset_id
     assert version.tags["visionflow.run_id"] == "tiny-1"
     assert version.tags["git_commit"]
+    q = r["quantize"]
+    assert version.tags["int8"] == "stored" and "int8_rejected" not in version.tags
+    assert version.tags["quantize_host_cpu"].startswith(q.host["cpu"])
+    assert version.tags["quantize_host_flags"] == (q.host["flags"] or "none read")
+    assert f"(int8 at {q.speedup_b64:.2f}x fp32's speed)" in version.tags["faster_variant"]
     model = mlflow.pyfunc.load_model("models:/visionflow-shapes@champion")
+    assert model.model_config["variant"] == version.tags["serve_variant"] == q.serve_variant
     assert model.predict(np.random.rand(3, 3, 32, 32).astype(np.float32)).shape == (3, 5)
 
 
@@ -135,4 +229,9 @@ def test_summary_has_every_promised_field(tiny_run):
     for key in ("tracking_uri", "run_id", "model_name", "model_version", "champion", "task", "test_accuracy",
                 "onnx_max_abs_diff", "torchscript_max_abs_diff", "int8_accuracy_drop", "int8_speedup_b64", "artifacts"):  # fmt: skip
         assert key in s
+    q = tiny_run[1]["quantize"]
+    assert s["int8"] == "stored" and s["int8_rejected"] is None
+    assert s["int8_speedup_b64"] == q.speedup_b64 and s["serve_variant"] == q.serve_variant
+    assert s["faster_variant"]["batch_64"] == ("int8" if q.speedup_b64 > 1 else "fp32")
+    assert s["quantize_host"].startswith(q.host["cpu"])
     json.dumps(s)

@@ -93,10 +93,11 @@ def test_export_is_checked_and_quantize_follows_the_task(task_run):
     assert x.onnx.samples == 20 and x.onnx.agreement >= cfg.export.min_agreement
     assert x.torchscript.max_abs_diff <= cfg.export.atol
     if task == "detection":
-        assert not q.supported and q.int8_uri == ""
+        assert q.status == "unsupported" and q.int8_uri == "" and q.serve_variant == "fp32"
         assert "not supported for detection" in q.reason
     else:
-        assert q.supported and q.metric == "miou" and q.int8_uri.endswith("model.int8.onnx")
+        assert q.status == "stored" and q.metric == "miou"
+        assert q.int8_uri.endswith("model.int8.onnx")
         assert q.accuracy_drop == pytest.approx((q.fp32_score - q.int8_score) * 100)
 
 

@@ -124,6 +124,7 @@ class ExportConfig:
 @dataclass
 class QuantizeConfig:
     max_accuracy_drop: float = 1.0
+    required: bool = False
     calibration_samples: int = 512
     bench_repeats: int = 20
 

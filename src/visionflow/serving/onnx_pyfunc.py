@@ -4,8 +4,9 @@
 (N, 3, H, W) in [0, 1]. Classification returns logits (N, classes); segmentation logits
 (N, classes + 1, H, W) with class 0 the background; detection one
 `{"boxes", "labels", "scores"}` dict per image (labels from 1; 0 is the background). The model
-config chooses the file it runs: `variant: int8` (where the task has one) or `fp32`; the
-TorchScript file rides along for PyTorch servers.
+config chooses the file it runs: `variant: int8` (where the version has one) or `fp32`. Register
+sets the default to the variant that quantize found faster on its host; the TorchScript file
+rides along for PyTorch servers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class OnnxModel(PythonModel):
         import onnxruntime as ort
 
         config = context.model_config or {}
-        variant = config.get("variant", "int8")
+        variant = config.get("variant") or ("int8" if "onnx_int8" in context.artifacts else "fp32")
         key = {"int8": "onnx_int8", "fp32": "onnx"}.get(variant)
         if key is None:
             raise ValueError(f"unknown variant {variant!r}; use 'int8' or 'fp32'")

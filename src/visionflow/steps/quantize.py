@@ -1,10 +1,19 @@
 """quantize: int8 post-training static quantization of the ONNX model, measured against fp32.
 
-Calibration uses training images. The task's main metric (accuracy, mIoU) and the speed of
-int8 and fp32 are measured side by side in one process on this machine's CPU, at batch 1 and
-batch 64. The step fails when the metric drops by more than `quantize.max_accuracy_drop`
-points, and then stores nothing. For a task without int8 support (detection) the step says so,
-records it, and the run goes on with the fp32 model.
+The int8 model is portable: QDQ, uint8 activations, int8 per-channel weights kept to 7 bits
+(`reduce_range`). On x86-64 CPUs without VNNI (AVX2, AVX-512F/BW), ONNX Runtime multiplies uint8
+by int8 with VPMADDUBSW, which adds two products into 16 bits and saturates when they overflow:
+with 8-bit weights that can happen (2 x 255 x 127 > 32,767), and a model that loses 0.2 points
+on a VNNI host lost 4.8 on an AVX2 one. With 7-bit weights it cannot (2 x 255 x 64 < 32,767), so
+the same file computes the same on AVX2, AVX-512, VNNI and AMX hosts. `make bench` compares the
+settings ONNX Runtime offers on the host it runs on.
+
+Calibration uses training images. The task's main metric (accuracy, mIoU), the agreement of
+int8's decisions with fp32's, and the speed of both at batch 1 and 64 are measured side by side
+on this host, and recorded with its CPU. int8 is optional: when it loses more than
+`quantize.max_accuracy_drop` points it is rejected, nothing is stored, and the run goes on with
+the fp32 model (`quantize.required=true` fails the step instead). For a task without int8
+support (detection) the step says so and the run goes on with fp32.
 """
 
 from __future__ import annotations
@@ -22,39 +31,65 @@ import numpy as np
 from visionflow.core.factories import build_datamodule, task_of
 from visionflow.runs import load_step, save_step
 from visionflow.storage import open_store, split_uri
-from visionflow.vision.inference import ort_predictor, ort_session
-from visionflow.vision.tasks import get_task
+from visionflow.vision.inference import host_cpu, ort_predictor, ort_session
+from visionflow.vision.tasks import Parity, get_task
 
 log = logging.getLogger("visionflow.quantize")
 
+# How the int8 model is made: onnxruntime.quantization.quantize_static's arguments, by name
+# (see the module's docstring for why 7-bit weights). `make bench` compares the alternatives.
+SETTINGS = {
+    "quant_format": "QDQ",
+    "activation_type": "QUInt8",  # per tensor
+    "weight_type": "QInt8",
+    "per_channel": True,
+    "reduce_range": True,  # 7-bit weights: no 16-bit saturation on any x86-64 host
+    "calibrate_method": "MinMax",
+}
+BATCHES = (1, 64)
+
+STORED, REJECTED, UNSUPPORTED = "stored", "rejected", "unsupported"
+
 
 class QuantizeError(RuntimeError):
-    """The int8 model loses more accuracy than allowed."""
+    """The int8 model loses more accuracy than allowed, and `quantize.required` is set."""
 
 
 @dataclass
 class QuantizeResult:
-    int8_uri: str  # "" when the task has no int8 model
-    supported: bool
-    reason: str  # why not, when not supported
+    int8_uri: str  # "" unless an int8 model was stored
+    status: str  # STORED, REJECTED (loses too much), UNSUPPORTED (the task has no int8)
+    reason: str  # why no int8 model was stored
     metric: str  # the task's main metric, measured for fp32 and int8
+    settings: dict[str, object] = field(default_factory=dict)
+    host: dict[str, str] = field(default_factory=dict)  # the CPU it was measured on
     fp32_score: float | None = None
     int8_score: float | None = None
     accuracy_drop: float | None = None  # points (x100) of the metric
+    parity: Parity | None = None  # int8 against fp32 on test images: max |diff|, agreement
     # "fp32_b1", "int8_b1", "fp32_b64", "int8_b64": median milliseconds per batch
     latency_ms: dict[str, float] = field(default_factory=dict)
     speedup_b1: float | None = None
     speedup_b64: float | None = None
+    # The variant the registered model runs by default: int8 only where it is stored and faster
+    # than fp32 on this host at batch 1 and at batch 64.
+    serve_variant: str = "fp32"
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarray]) -> Path:
-    """Static int8 quantization (QDQ, per-channel weights) after ORT's pre-processing.
+def quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    calibration: Iterable[np.ndarray],
+    settings: dict[str, object] = SETTINGS,
+) -> Path:
+    """Static int8 quantization with `settings`, after ORT's pre-processing.
 
     Pre-processing runs shape inference and graph optimisation, which folds BatchNorm into the
     convolutions, so that each Conv+ReLU quantizes as one fused int8 kernel.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
@@ -69,17 +104,12 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndar
             batch = next(self._it, None)
             return None if batch is None else {"images": batch.astype(np.float32)}
 
+    enums = {"quant_format": QuantFormat, "activation_type": QuantType, "weight_type": QuantType,
+             "calibrate_method": CalibrationMethod}  # fmt: skip
+    kwargs = {k: enums[k][v] if k in enums else v for k, v in settings.items()}
     prepped = out_path.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
-    quantize_static(
-        str(prepped),
-        str(out_path),
-        Reader(calibration),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    quantize_static(str(prepped), str(out_path), Reader(calibration), **kwargs)
     prepped.unlink()
     return out_path
 
@@ -105,10 +135,11 @@ def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) ->
     dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
     onnx_uri = onnx_uri or load_step(store, cfg.run_id, "export")["onnx_uri"]
     task = get_task(task_of(cfg))
+    host = host_cpu()
     if not task.quantizable:
         reason = f"int8 quantization is not supported for {task.name}; the fp32 model is used"
         log.warning(reason)
-        result = QuantizeResult("", False, reason, task.metric)
+        result = QuantizeResult("", UNSUPPORTED, reason, task.metric, host=host)
         save_step(store, cfg.run_id, "quantize", result)
         return result
     dm = build_datamodule(cfg, store, dataset_id)
@@ -118,42 +149,70 @@ def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) ->
         calibration = _calibration_batches(dm, cfg.quantize.calibration_samples)
         int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", calibration)
         sessions = {"fp32": ort_session(fp32), "int8": ort_session(int8)}
+        predict = {name: task.ort_predictor(s) for name, s in sessions.items()}
         test, classes = dm.test_dataloader(), dm.classes
-        fp32_score = task.evaluate(task.ort_predictor(sessions["fp32"]), test, classes)[0].score
-        int8_score = task.evaluate(task.ort_predictor(sessions["int8"]), test, classes)[0].score
-        drop = (fp32_score - int8_score) * 100
-        size = int(dm.image_size)
-        rng = np.random.default_rng(0)
-        latency = {}
-        for b in (1, 64):
-            batch = rng.random((b, 3, size, size), dtype=np.float32)
-            for name, ms in bench(sessions, batch, cfg.quantize.bench_repeats).items():
-                latency[f"{name}_b{b}"] = ms
+        fp32_score = task.evaluate(predict["fp32"], test, classes)[0].score
+        int8_score = task.evaluate(predict["int8"], test, classes)[0].score
+        parity = task.parity(predict["fp32"], predict["int8"], test, cfg.export.max_samples)
         result = QuantizeResult(
             int8_uri="",
-            supported=True,
+            status=STORED,
             reason="",
             metric=task.metric,
+            settings=dict(SETTINGS),
+            host=host,
             fp32_score=fp32_score,
             int8_score=int8_score,
-            accuracy_drop=drop,
-            latency_ms=latency,
-            speedup_b1=latency["fp32_b1"] / latency["int8_b1"],
-            speedup_b64=latency["fp32_b64"] / latency["int8_b64"],
+            accuracy_drop=(fp32_score - int8_score) * 100,
+            parity=parity,
         )
         log.info(
-            "int8: %s %.4f vs fp32 %.4f (drop %.2f points); speed-up %.2fx at batch 1, %.2fx at batch 64",
-            task.metric, int8_score, fp32_score, drop, result.speedup_b1, result.speedup_b64,
+            "int8: %s %.4f vs fp32 %.4f (drop %.2f points); the same decision as fp32 on %.2f%% "
+            "of %d test images", task.metric, int8_score, fp32_score, result.accuracy_drop,
+            parity.agreement * 100, parity.samples,
         )  # fmt: skip
-        if drop > cfg.quantize.max_accuracy_drop:
-            raise QuantizeError(
-                f"int8 model loses {drop:.2f} points of {task.metric} (fp32 {fp32_score:.4f}, int8 "
-                f"{int8_score:.4f}), more than quantize.max_accuracy_drop="
-                f"{cfg.quantize.max_accuracy_drop}; nothing was stored"
+        if result.accuracy_drop > cfg.quantize.max_accuracy_drop:
+            result.status = REJECTED
+            result.reason = (
+                f"int8 rejected: it loses {result.accuracy_drop:.2f} points of {task.metric} "
+                f"(fp32 {fp32_score:.4f}, int8 {int8_score:.4f}), more than "
+                f"quantize.max_accuracy_drop={cfg.quantize.max_accuracy_drop}"
             )
+            if cfg.quantize.required:
+                raise QuantizeError(
+                    f"{result.reason}, and quantize.required is set; nothing was stored"
+                )
+            log.warning("%s; no int8 file is stored and the run goes on with fp32", result.reason)
+            save_step(store, cfg.run_id, "quantize", result)
+            return result
+        size = int(dm.image_size)
+        rng = np.random.default_rng(0)
+        for b in BATCHES:
+            batch = rng.random((b, 3, size, size), dtype=np.float32)
+            for name, ms in bench(sessions, batch, cfg.quantize.bench_repeats).items():
+                result.latency_ms[f"{name}_b{b}"] = ms
+        ms = result.latency_ms
+        result.speedup_b1 = ms["fp32_b1"] / ms["int8_b1"]
+        result.speedup_b64 = ms["fp32_b64"] / ms["int8_b64"]
+        faster = result.speedup_b1 > 1 and result.speedup_b64 > 1
+        result.serve_variant = "int8" if faster else "fp32"
+        (log.info if faster else log.warning)(speed_verdict(result))
         result.int8_uri = store.put_file(int8, f"models/{cfg.run_id}/model.int8.onnx")
     save_step(store, cfg.run_id, "quantize", result)
     return result
+
+
+def speed_verdict(r: QuantizeResult) -> str:
+    """One plain sentence: which variant is faster on the measuring host, and by how much."""
+    where = f"on this host ({r.host['cpu']}; {r.host['flags'] or 'no SIMD flags read'})"
+    ratios = f"{r.speedup_b1:.2f}x fp32's speed at batch 1 and {r.speedup_b64:.2f}x at batch 64"
+    if r.serve_variant == "int8":
+        return f"int8 is faster than fp32 {where}: {ratios}; the registered model runs int8"
+    slower = " and ".join(str(b) for b in BATCHES if getattr(r, f"speedup_b{b}") <= 1)
+    return (
+        f"int8 is SLOWER than fp32 {where} at batch {slower}: {ratios}; the registered model "
+        "runs fp32 (the int8 file is stored beside it)"
+    )
 
 
 def _calibration_batches(dm, samples: int, batch_size: int = 32) -> Iterator[np.ndarray]:

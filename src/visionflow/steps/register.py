@@ -100,9 +100,10 @@ def register(
         "onnx_max_abs_diff": rec["export"]["onnx"]["max_abs_diff"],
         "torchscript_max_abs_diff": rec["export"]["torchscript"]["max_abs_diff"],
     }
-    if rec["quantize"]["supported"]:
-        metrics["int8_accuracy_drop"] = rec["quantize"]["accuracy_drop"]
-        metrics["int8_speedup_b64"] = rec["quantize"]["speedup_b64"]
+    quantized = rec["quantize"]
+    if quantized["status"] == "stored":
+        for key in ("accuracy_drop", "speedup_b1", "speedup_b64"):
+            metrics[f"int8_{key}"] = quantized[key]
     run_id = tracking.run_for(cfg)
     client = mlflow.MlflowClient()
     name = model_name(cfg)
@@ -129,7 +130,7 @@ def register(
                 artifacts=files,
                 model_config={
                     "task": task.name,
-                    "variant": "int8" if "onnx_int8" in files else "fp32",
+                    "variant": quantized["serve_variant"] if "onnx_int8" in files else "fp32",
                     "classes": list(classes),
                     "image_size": image_size,
                 },
@@ -146,6 +147,7 @@ def register(
         "task": task.name,
         f"test_{task.metric}": f"{new_score:.6f}",
         **{k: f"{v:.6g}" for k, v in metrics.items()},
+        **int8_tags(quantized),
     }
     version = mlflow.register_model(info.model_uri, name, tags=lineage)
     number = int(version.version)
@@ -202,6 +204,26 @@ def register(
     )
     save_step(store, cfg.run_id, "register", result)
     return result
+
+
+def int8_tags(q: dict) -> dict[str, str]:
+    """The int8 story on the model version: stored or not and why, how it was made, the host it
+    was measured on, and which variant was faster there."""
+    tags = {"int8": q["status"], "serve_variant": q["serve_variant"]}
+    if q["status"] == "rejected":
+        tags["int8_rejected"] = q["reason"]
+    if q["settings"]:
+        tags["int8_settings"] = ", ".join(f"{k}={v}" for k, v in q["settings"].items())
+    if q["host"]:
+        tags["quantize_host_cpu"] = f"{q['host']['cpu']} ({q['host']['arch']})"
+        tags["quantize_host_flags"] = q["host"]["flags"] or "none read"
+    if q["status"] == "stored":
+        tags["faster_variant"] = ", ".join(
+            f"batch {b}: {'int8' if q[f'speedup_b{b}'] > 1 else 'fp32'} "
+            f"(int8 at {q[f'speedup_b{b}']:.2f}x fp32's speed)"
+            for b in (1, 64)
+        )
+    return tags
 
 
 def _score_of(version, task, loader, classes) -> float:

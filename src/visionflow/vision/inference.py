@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,3 +39,32 @@ def ort_predictor(session) -> Callable[[np.ndarray], np.ndarray]:
         return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     return predict
+
+
+# The CPU features that decide how ONNX Runtime runs int8: AVX2 or AVX-512 multiply uint8 by int8
+# into 16-bit sums (VPMADDUBSW), VNNI and AMX into 32-bit ones; ARM's dot-product extensions.
+INT8_FLAGS = (
+    "sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm",
+)  # fmt: skip
+
+
+def host_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The CPU this process runs on: its model name, architecture, and its int8-relevant flags."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:  # not Linux: the model name is all there is
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model Name") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return {
+        "cpu": model,
+        "arch": platform.machine(),
+        "flags": " ".join(f for f in INT8_FLAGS if f in flags),
+    }

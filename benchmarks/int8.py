@@ -1,0 +1,112 @@
+"""int8 quantization settings side by side on this host: accuracy, saturation, speed vs fp32.
+
+One trained classifier (a run's fp32 ONNX with `--workdir DIR --run-id ID`, else a small shapes
+run trained here), quantized with each setting ONNX Runtime offers and measured in one process:
+test accuracy, top-1 agreement with fp32, how far this host's int8 kernels stray from what the
+quantized graph means (the same graph run op by op in float: large values are saturation), and
+milliseconds per batch of 1 and 64 with the ratio fp32 / int8 (above 1: int8 is faster). The
+row `ours` is what the quantize step uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {
+    "ours": {},
+    "u8s8 8-bit": {"reduce_range": False},
+    "u8u8": {"reduce_range": False, "weight_type": "QUInt8"},
+    "s8s8": {"reduce_range": False, "activation_type": "QInt8"},
+    "QOperator": {"quant_format": "QOperator"},
+}
+
+
+def _trained_run(workdir: Path) -> str:
+    """prepare, train and export a small shapes classifier; returns its run id."""
+    from visionflow.core.config import load_config
+    from visionflow.steps.export import export
+    from visionflow.steps.prepare import prepare
+    from visionflow.steps.train import train
+
+    cfg = load_config([f"workdir={workdir}", "run_id=int8-bench", "data.num_samples=2400",
+                       "trainer.max_epochs=4"])  # fmt: skip
+    for step in (prepare, train, export):
+        step(cfg)
+    return cfg.run_id
+
+
+def _float_session(path: Path):
+    """The quantized graph run op by op in float (Dequantize, float op, Quantize): what it means
+    on a host whose int8 kernels do not saturate."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument(
+        "--workdir", type=Path, help="a workdir with a finished run (default: train one)"
+    )
+    p.add_argument("--run-id", help="the run in --workdir whose export to quantize")
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args(argv)
+    logging.getLogger("visionflow").setLevel(logging.WARNING)
+
+    from visionflow.core.config import load_config
+    from visionflow.core.factories import build_datamodule
+    from visionflow.runs import load_step
+    from visionflow.steps.quantize import SETTINGS, _calibration_batches, bench, quantize_int8
+    from visionflow.storage import open_store, split_uri
+    from visionflow.vision.inference import host_cpu, ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp) / "run"
+        run_id = args.run_id or _trained_run(workdir)
+        cfg = load_config([f"workdir={workdir}", f"run_id={run_id}"])
+        store = open_store(cfg.storage.root, cfg.storage.endpoint)
+        dm = build_datamodule(cfg, store, load_step(store, run_id, "prepare")["dataset_id"])
+        src, key = split_uri(load_step(store, run_id, "export")["onnx_uri"])
+        fp32 = src.get_file(key, Path(tmp) / "model.onnx")
+        calibration = list(_calibration_batches(dm, cfg.quantize.calibration_samples))
+        test = [(x.numpy(), y.numpy()) for x, y in dm.test_dataloader()]
+        images, labels = np.concatenate([x for x, _ in test]), np.concatenate([y for _, y in test])
+
+        files = {"fp32": fp32}
+        for name, change in VARIANTS.items():
+            files[name] = quantize_int8(fp32, Path(tmp) / f"{len(files)}.onnx", calibration,
+                                        {**SETTINGS, **change})  # fmt: skip
+        sessions = {name: ort_session(path) for name, path in files.items()}
+        reference = sessions["fp32"].run(None, {"images": images})[0].argmax(1)
+        rng = np.random.default_rng(0)
+        size = images.shape[-1]
+        ms = {}
+        for b in (1, 64):
+            batch = rng.random((b, 3, size, size), dtype=np.float32)
+            ms[b] = bench(sessions, batch, args.repeats)
+
+        host = host_cpu()
+        print(f"host: {host['cpu']} ({host['arch']}; {host['flags']})")
+        print(f"model: run {run_id}, {len(images)} test images; ours = {json.dumps(SETTINGS)}")
+        head = f"{'setting':<12} {'accuracy':>8} {'agree':>7} {'|kernel-graph|':>14} "
+        print(head + f"{'ms b1':>7} {'b1 x':>6} {'ms b64':>8} {'b64 x':>6}")
+        for name, session in sessions.items():
+            out = session.run(None, {"images": images})[0]
+            stray = "-"
+            if name != "fp32" and VARIANTS[name].get("quant_format") != "QOperator":
+                graph = _float_session(files[name]).run(None, {"images": images})[0]
+                stray = f"{np.abs(out - graph).max():.3g}"
+            print(
+                f"{name:<12} {(out.argmax(1) == labels).mean():>8.4f} "
+                f"{(out.argmax(1) == reference).mean():>7.4f} {stray:>14} "
+                f"{ms[1][name]:>7.3f} {ms[1]['fp32'] / ms[1][name]:>6.2f} "
+                f"{ms[64][name]:>8.2f} {ms[64]['fp32'] / ms[64][name]:>6.2f}"
+            )
