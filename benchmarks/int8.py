@@ -1,7 +1,7 @@
 """int8 quantization settings side by side on this host: accuracy, saturation, speed vs fp32.
 
-One trained classifier (a run's fp32 ONNX with `--workdir DIR --run-id ID`, else a small shapes
-run trained here), quantized with each setting ONNX Runtime offers and measured in one process:
+One trained classifier (a run's fp32 ONNX with `--workdir DIR --run-id ID`, else
+`experiment=shapes_quick` trained here in about a minute), quantized with each setting ONNX Runtime offers and measured in one process:
 test accuracy, top-1 agreement with fp32, how far this host's int8 kernels stray from what the
 quantized graph means (the same graph run op by op in float: large values are saturation), and
 milliseconds per batch of 1 and 64 with the ratio fp32 / int8 (above 1: int8 is faster). The
@@ -28,14 +28,13 @@ VARIANTS = {
 
 
 def _trained_run(workdir: Path) -> str:
-    """prepare, train and export a small shapes classifier; returns its run id."""
+    """prepare, train and export `experiment=shapes_quick` (about 99%); returns its run id."""
     from visionflow.core.config import load_config
     from visionflow.steps.export import export
     from visionflow.steps.prepare import prepare
     from visionflow.steps.train import train
 
-    cfg = load_config([f"workdir={workdir}", "run_id=int8-bench", "data.num_samples=2400",
-                       "trainer.max_epochs=4"])  # fmt: skip
+    cfg = load_config([f"workdir={workdir}", "run_id=int8-bench", "experiment=shapes_quick"])
     for step in (prepare, train, export):
         step(cfg)
     return cfg.run_id
