@@ -142,8 +142,8 @@ def quantize_report(r) -> str:
             )
     lines += [
         "",
-        f"Drop: {r.accuracy_drop:.2f} points; the same decision as fp32 on "
-        f"{r.parity.agreement:.2%} of {r.parity.samples} test images.",
+        f"Drop: {r.accuracy_drop:.2f} points. Agreement with fp32 (the same class per image, or "
+        f"per pixel for segmentation): {r.parity.agreement:.2%} on {r.parity.samples} test images.",
         "",
         f"Host: {r.host['cpu']} ({r.host['arch']}; {r.host['flags'] or 'no flags read'}).",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in r.settings.items()) + ".",

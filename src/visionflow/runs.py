@@ -89,7 +89,9 @@ def int8_summary(q: dict[str, Any]) -> dict[str, Any]:
         if stored
         else None,
         "serve_variant": q["serve_variant"],
-        "quantize_host": f"{q['host']['cpu']} ({q['host']['flags']})" if q["host"] else None,
+        "quantize_host": f"{q['host']['cpu']} ({q['host']['flags'] or 'no flags read'})"
+        if q["host"]
+        else None,
     }
 
 

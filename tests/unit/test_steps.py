@@ -95,7 +95,7 @@ def test_quantize_measures_int8_against_fp32_on_this_host(tiny_run):
     faster = q.speedup_b1 > 1 and q.speedup_b64 > 1
     assert q.serve_variant == ("int8" if faster else "fp32")
     assert q.settings["reduce_range"] is True and q.host["cpu"]
-    assert q.parity.samples == 60 and 0 <= q.parity.agreement <= 1  # the claim: test_int8.py
+    assert q.parity.samples == 60  # agreement is checked on a trained model: test_int8.py
 
 
 def _weights(path):

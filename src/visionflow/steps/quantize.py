@@ -167,8 +167,8 @@ def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) ->
             parity=parity,
         )
         log.info(
-            "int8: %s %.4f vs fp32 %.4f (drop %.2f points); the same decision as fp32 on %.2f%% "
-            "of %d test images", task.metric, int8_score, fp32_score, result.accuracy_drop,
+            "int8: %s %.4f vs fp32 %.4f (drop %.2f points); agreement with fp32 %.2f%% on %d "
+            "test images", task.metric, int8_score, fp32_score, result.accuracy_drop,
             parity.agreement * 100, parity.samples,
         )  # fmt: skip
         if result.accuracy_drop > cfg.quantize.max_accuracy_drop:
