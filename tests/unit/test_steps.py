@@ -235,3 +235,27 @@ def test_summary_has_every_promised_field(tiny_run):
     assert s["faster_variant"]["batch_64"] == ("int8" if q.speedup_b64 > 1 else "fp32")
     assert s["quantize_host"].startswith(q.host["cpu"])
     json.dumps(s)
+
+
+def test_the_report_says_plainly_when_int8_is_slower_or_rejected():
+    from visionflow.pipeline_io import quantize_report
+    from visionflow.steps.quantize import QuantizeResult, speed_verdict
+    from visionflow.vision.tasks import Parity
+
+    host = {"cpu": "AMD EPYC", "arch": "x86_64", "flags": "avx2 fma"}
+    measured = dict(metric="accuracy", settings={"reduce_range": True}, host=host, fp32_score=1.0,
+                    int8_score=0.999, accuracy_drop=0.1, parity=Parity(0.01, 1.0, 600))  # fmt: skip
+    slower = QuantizeResult(
+        "m.int8.onnx", "stored", "", **measured, speedup_b1=1.2, speedup_b64=0.91,
+        latency_ms={"fp32_b1": 1.2, "int8_b1": 1.0, "fp32_b64": 30.0, "int8_b64": 33.0},
+    )  # fmt: skip
+    verdict = speed_verdict(slower)
+    assert verdict.startswith(
+        "int8 is SLOWER than fp32 on this host (AMD EPYC; avx2 fma) at batch 64:"
+    )
+    assert "1.20x fp32's speed at batch 1 and 0.91x at batch 64" in verdict
+    assert f"**{verdict}**" in quantize_report(slower)
+    rejected = QuantizeResult("", "rejected", "int8 rejected: it loses 5.00 points", **measured)
+    report = quantize_report(rejected)
+    assert "**int8 rejected: it loses 5.00 points**; the run goes on with fp32." in report
+    assert "ms per batch" not in report  # a rejected model is not timed
