@@ -1,11 +1,11 @@
 """int8 quantization settings side by side on this host: accuracy, saturation, speed vs fp32.
 
 One trained classifier (a run's fp32 ONNX with `--workdir DIR --run-id ID`, else
-`experiment=shapes_quick` trained here in about a minute), quantized with each setting ONNX Runtime offers and measured in one process:
-test accuracy, top-1 agreement with fp32, how far this host's int8 kernels stray from what the
-quantized graph means (the same graph run op by op in float: large values are saturation), and
-milliseconds per batch of 1 and 64 with the ratio fp32 / int8 (above 1: int8 is faster). The
-row `ours` is what the quantize step uses.
+`experiment=shapes_quick` trained here in about a minute), quantized with each setting ONNX
+Runtime offers and measured in one process: test accuracy, top-1 agreement with fp32, how far
+this host's int8 kernels stray from what the quantized graph means (the same graph run op by op
+in float: large values are saturation), and milliseconds per batch of 1 and 64 with the ratio
+fp32 / int8 (above 1: int8 is faster). The row `ours` is what the quantize step uses.
 """
 
 from __future__ import annotations
@@ -40,16 +40,6 @@ def _trained_run(workdir: Path) -> str:
     return cfg.run_id
 
 
-def _float_session(path: Path):
-    """The quantized graph run op by op in float (Dequantize, float op, Quantize): what it means
-    on a host whose int8 kernels do not saturate."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument(
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     from visionflow.runs import load_step
     from visionflow.steps.quantize import SETTINGS, _calibration_batches, bench, quantize_int8
     from visionflow.storage import open_store, split_uri
-    from visionflow.vision.inference import host_cpu, ort_session
+    from visionflow.vision.inference import host_cpu, ort_graph_session, ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp) / "run"
@@ -101,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             out = session.run(None, {"images": images})[0]
             stray = "-"
             if name != "fp32" and VARIANTS[name].get("quant_format") != "QOperator":
-                graph = _float_session(files[name]).run(None, {"images": images})[0]
+                graph = ort_graph_session(files[name]).run(None, {"images": images})[0]
                 stray = f"{np.abs(out - graph).max():.3g}"
             print(
                 f"{name:<12} {(out.argmax(1) == labels).mean():>8.4f} "

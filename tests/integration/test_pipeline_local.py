@@ -50,19 +50,6 @@ def test_pipeline_runs_end_to_end_and_registers_a_new_version_each_time(tmp_path
     assert [s["displayName"] for s in matrix["annotationSpecs"]][:2] == ["circle", "square"]
 
 
-def test_required_int8_that_loses_too_much_fails_the_run_at_once(tmp_path):
-    proc = visionflow("pipeline", "run", *TINY, f"workdir={tmp_path}",
-                      "quantize.max_accuracy_drop=-101", "quantize.required=true")  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-3000:]
-    assert "and quantize.required is set; nothing was stored" in out
-    assert "Inner task failed: 'quantize'" in proc.stderr
-    # Deterministic: quantize ran once, neither KFP nor the step retried it.
-    assert out.count("visionflow.quantize: int8:") == 1
-    assert "Retrying in" not in out and "transient failure" not in out
-    assert not list((tmp_path / "artifacts" / "models").glob("*/model.int8.onnx"))
-
-
 @pytest.mark.parametrize(
     "task, overrides",
     [

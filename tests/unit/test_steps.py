@@ -202,6 +202,35 @@ def test_required_int8_fails_the_step_and_stores_nothing(tiny_run):
     assert not store.exists("runs/strict/quantize.json")
 
 
+def test_the_quantize_component_fails_once_when_int8_is_required(tiny_run, tmp_path, monkeypatch):
+    """What `make pipeline-run` does with quantize.required=true, one link at a time: the
+    component runs its step once (no in-process retry for this failure) and the compiled
+    pipeline has no KFP retry on quantize (test_pipeline_spec.py), which kfp.local honours."""
+    from kfp import dsl
+
+    from components.quantize import quantize as component
+    from visionflow.steps import quantize as step
+
+    cfg, r = tiny_run
+    calls = []
+    real = step.quantize_int8
+    monkeypatch.setattr(step, "quantize_int8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = {"dataset_id": r["prepare"].dataset_id}
+    artifacts = dict(
+        dataset=dsl.Dataset(uri=str(tmp_path / "dataset"), metadata=ids),
+        onnx=dsl.Model(uri=str(tmp_path / "onnx"), metadata={"uri": r["export"].onnx_uri}),
+        int8=dsl.Model(uri=str(tmp_path / "int8")),
+        metrics=dsl.Metrics(uri=str(tmp_path / "metrics")),
+        report=dsl.Markdown(uri=str(tmp_path / "report")),
+    )
+    overrides = [f"workdir={cfg.workdir}", "experiment=shapes_tiny",
+                 "quantize.max_accuracy_drop=-101", "quantize.required=true"]  # fmt: skip
+    with pytest.raises(step.QuantizeError, match="quantize.required is set"):
+        component.python_func(overrides=overrides, run_id="required", **artifacts)
+    assert calls == [1]
+    assert not open_store(cfg.storage.root).exists("models/required/model.int8.onnx")
+
+
 def test_register_creates_a_servable_version_with_lineage(tiny_run):
     cfg, r = tiny_run
     g = r["register"]

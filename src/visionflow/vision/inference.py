@@ -32,6 +32,19 @@ def ort_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def ort_graph_session(path: str | Path):
+    """The ONNX graph run op by op, without ONNX Runtime's fusions: for an int8 QDQ model,
+    Dequantize, the float op, Quantize. This is what the quantized model means, computed without
+    int8 kernels, so comparing it with `ort_session` shows what this host's kernels change
+    (saturation, where they have it)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def ort_predictor(session) -> Callable[[np.ndarray], np.ndarray]:
     name = session.get_inputs()[0].name
 
