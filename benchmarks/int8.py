@@ -53,9 +53,19 @@ def main(argv: list[str] | None = None) -> None:
     from visionflow.core.config import load_config
     from visionflow.core.factories import build_datamodule
     from visionflow.runs import load_step
-    from visionflow.steps.quantize import SETTINGS, _calibration_batches, bench, quantize_int8
+    from visionflow.steps.quantize import (
+        SETTINGS,
+        _calibration_batches,
+        bench_batches,
+        quantize_int8,
+    )
     from visionflow.storage import open_store, split_uri
-    from visionflow.vision.inference import host_cpu, ort_graph_session, ort_session
+    from visionflow.vision.inference import (
+        describe_host,
+        host_cpu,
+        ort_graph_session,
+        ort_session,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp) / "run"
@@ -75,15 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                                         {**SETTINGS, **change})  # fmt: skip
         sessions = {name: ort_session(path) for name, path in files.items()}
         reference = sessions["fp32"].run(None, {"images": images})[0].argmax(1)
-        rng = np.random.default_rng(0)
-        size = images.shape[-1]
-        ms = {}
-        for b in (1, 64):
-            batch = rng.random((b, 3, size, size), dtype=np.float32)
-            ms[b] = bench(sessions, batch, args.repeats)
+        ms = bench_batches(sessions, images.shape[-1], args.repeats)
 
-        host = host_cpu()
-        print(f"host: {host['cpu']} ({host['arch']}; {host['flags']})")
+        print(f"host: {describe_host(host_cpu())}")
         print(f"model: run {run_id}, {len(images)} test images; ours = {json.dumps(SETTINGS)}")
         head = f"{'setting':<12} {'accuracy':>8} {'agree':>7} {'|kernel-graph|':>14} "
         print(head + f"{'ms b1':>7} {'b1 x':>6} {'ms b64':>8} {'b64 x':>6}")
@@ -96,6 +100,6 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{name:<12} {(out.argmax(1) == labels).mean():>8.4f} "
                 f"{(out.argmax(1) == reference).mean():>7.4f} {stray:>14} "
-                f"{ms[1][name]:>7.3f} {ms[1]['fp32'] / ms[1][name]:>6.2f} "
-                f"{ms[64][name]:>8.2f} {ms[64]['fp32'] / ms[64][name]:>6.2f}"
+                f"{ms[f'{name}_b1']:>7.3f} {ms['fp32_b1'] / ms[f'{name}_b1']:>6.2f} "
+                f"{ms[f'{name}_b64']:>8.2f} {ms['fp32_b64'] / ms[f'{name}_b64']:>6.2f}"
             )

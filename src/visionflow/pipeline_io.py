@@ -123,6 +123,7 @@ def evaluation_html(cfg, result) -> str:
 def quantize_report(r) -> str:
     """fp32 and int8 side by side, for the Kubeflow UI; a plain verdict first."""
     from visionflow.steps.quantize import speed_verdict
+    from visionflow.vision.inference import describe_host
 
     lines = ["# int8 quantization", ""]
     if r.status == "unsupported":
@@ -145,7 +146,7 @@ def quantize_report(r) -> str:
         f"Drop: {r.accuracy_drop:.2f} points. Agreement with fp32 (the same class per image, or "
         f"per pixel for segmentation): {r.parity.agreement:.2%} on {r.parity.samples} test images.",
         "",
-        f"Host: {r.host['cpu']} ({r.host['arch']}; {r.host['flags'] or 'no flags read'}).",
+        f"Host: {describe_host(r.host)}.",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in r.settings.items()) + ".",
     ]
     return "\n".join(lines) + "\n"

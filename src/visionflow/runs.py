@@ -71,6 +71,8 @@ def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, A
 def int8_summary(q: dict[str, Any]) -> dict[str, Any]:
     """What the summary says of int8: whether it was stored, rejected (and why) or unsupported;
     its figures only where it was stored; which variant was faster on quantize's host."""
+    from visionflow.vision.inference import describe_host  # torch: not at the CLI's start-up
+
     stored = q["status"] == "stored"
     figures = {
         "int8_accuracy_drop": q["accuracy_drop"],
@@ -83,15 +85,9 @@ def int8_summary(q: dict[str, Any]) -> dict[str, Any]:
         "int8_rejected": q["reason"] if q["status"] == "rejected" else None,
         **{k: v if stored else None for k, v in figures.items()},
         # per batch size, the faster variant on quantize's host (the speed-ups say by how much)
-        "faster_variant": {
-            f"batch_{b}": "int8" if q[f"speedup_b{b}"] > 1 else "fp32" for b in (1, 64)
-        }
-        if stored
-        else None,
+        "faster_variant": q["faster_variant"] if stored else None,
         "serve_variant": q["serve_variant"],
-        "quantize_host": f"{q['host']['cpu']} ({q['host']['flags'] or 'no flags read'})"
-        if q["host"]
-        else None,
+        "quantize_host": describe_host(q["host"]) if q["host"] else None,
     }
 
 

@@ -92,8 +92,9 @@ def test_quantize_measures_int8_against_fp32_on_this_host(tiny_run):
     assert set(q.latency_ms) == {"fp32_b1", "int8_b1", "fp32_b64", "int8_b64"}
     assert q.speedup_b64 == pytest.approx(q.latency_ms["fp32_b64"] / q.latency_ms["int8_b64"])
     assert q.accuracy_drop == pytest.approx((q.fp32_score - q.int8_score) * 100)
-    faster = q.speedup_b1 > 1 and q.speedup_b64 > 1
-    assert q.serve_variant == ("int8" if faster else "fp32")
+    faster = {b: "int8" if getattr(q, f"speedup_b{b}") > 1 else "fp32" for b in (1, 64)}
+    assert q.faster_variant == {"batch_1": faster[1], "batch_64": faster[64]}
+    assert q.serve_variant == ("int8" if set(faster.values()) == {"int8"} else "fp32")
     assert q.settings["reduce_range"] is True and q.host["cpu"]
     assert q.parity.samples == 60  # agreement is checked on a trained model: test_int8.py
 
@@ -277,10 +278,11 @@ def test_the_report_says_plainly_when_int8_is_slower_or_rejected():
     slower = QuantizeResult(
         "m.int8.onnx", "stored", "", **measured, speedup_b1=1.2, speedup_b64=0.91,
         latency_ms={"fp32_b1": 1.2, "int8_b1": 1.0, "fp32_b64": 30.0, "int8_b64": 33.0},
+        faster_variant={"batch_1": "int8", "batch_64": "fp32"},
     )  # fmt: skip
     verdict = speed_verdict(slower)
     assert verdict.startswith(
-        "int8 is SLOWER than fp32 on this host (AMD EPYC; avx2 fma) at batch 64:"
+        "int8 is SLOWER than fp32 at batch 64 on this host, AMD EPYC (x86_64; avx2 fma):"
     )
     assert "1.20x fp32's speed at batch 1 and 0.91x at batch 64" in verdict
     assert f"**{verdict}**" in quantize_report(slower)

@@ -31,7 +31,7 @@ import numpy as np
 from visionflow.core.factories import build_datamodule, task_of
 from visionflow.runs import load_step, save_step
 from visionflow.storage import open_store, split_uri
-from visionflow.vision.inference import host_cpu, ort_predictor, ort_session
+from visionflow.vision.inference import describe_host, host_cpu, ort_predictor, ort_session
 from visionflow.vision.tasks import Parity, get_task
 
 log = logging.getLogger("visionflow.quantize")
@@ -71,6 +71,8 @@ class QuantizeResult:
     latency_ms: dict[str, float] = field(default_factory=dict)
     speedup_b1: float | None = None
     speedup_b64: float | None = None
+    # Where int8 was timed: the faster variant per batch size ("batch_1", "batch_64").
+    faster_variant: dict[str, str] | None = None
     # The variant the registered model runs by default: int8 only where it is stored and faster
     # than fp32 on this host at batch 1 and at batch 64.
     serve_variant: str = "fp32"
@@ -129,6 +131,17 @@ def bench(sessions: dict[str, object], batch: np.ndarray, repeats: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def bench_batches(sessions: dict[str, object], image_size: int, repeats: int) -> dict[str, float]:
+    """`bench` at each of BATCHES on random images: median ms as {"<name>_b<batch>": ms}."""
+    rng = np.random.default_rng(0)
+    latency = {}
+    for b in BATCHES:
+        batch = rng.random((b, 3, image_size, image_size), dtype=np.float32)
+        for name, ms in bench(sessions, batch, repeats).items():
+            latency[f"{name}_b{b}"] = ms
+    return latency
+
+
 def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) -> QuantizeResult:
     """Quantize the fp32 ONNX model (default: this run's export), measure it, store it if good."""
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
@@ -185,16 +198,15 @@ def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) ->
             log.warning("%s; no int8 file is stored and the run goes on with fp32", result.reason)
             save_step(store, cfg.run_id, "quantize", result)
             return result
-        size = int(dm.image_size)
-        rng = np.random.default_rng(0)
-        for b in BATCHES:
-            batch = rng.random((b, 3, size, size), dtype=np.float32)
-            for name, ms in bench(sessions, batch, cfg.quantize.bench_repeats).items():
-                result.latency_ms[f"{name}_b{b}"] = ms
-        ms = result.latency_ms
+        ms = bench_batches(sessions, int(dm.image_size), cfg.quantize.bench_repeats)
+        result.latency_ms = ms
         result.speedup_b1 = ms["fp32_b1"] / ms["int8_b1"]
         result.speedup_b64 = ms["fp32_b64"] / ms["int8_b64"]
-        faster = result.speedup_b1 > 1 and result.speedup_b64 > 1
+        result.faster_variant = {
+            f"batch_{b}": "int8" if getattr(result, f"speedup_b{b}") > 1 else "fp32"
+            for b in BATCHES
+        }
+        faster = set(result.faster_variant.values()) == {"int8"}
         result.serve_variant = "int8" if faster else "fp32"
         (log.info if faster else log.warning)(speed_verdict(result))
         result.int8_uri = store.put_file(int8, f"models/{cfg.run_id}/model.int8.onnx")
@@ -204,13 +216,13 @@ def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) ->
 
 def speed_verdict(r: QuantizeResult) -> str:
     """One plain sentence: which variant is faster on the measuring host, and by how much."""
-    where = f"on this host ({r.host['cpu']}; {r.host['flags'] or 'no SIMD flags read'})"
+    where = f"on this host, {describe_host(r.host)}"
     ratios = f"{r.speedup_b1:.2f}x fp32's speed at batch 1 and {r.speedup_b64:.2f}x at batch 64"
     if r.serve_variant == "int8":
         return f"int8 is faster than fp32 {where}: {ratios}; the registered model runs int8"
-    slower = " and ".join(str(b) for b in BATCHES if getattr(r, f"speedup_b{b}") <= 1)
+    slower = " and ".join(str(b) for b in BATCHES if r.faster_variant[f"batch_{b}"] == "fp32")
     return (
-        f"int8 is SLOWER than fp32 {where} at batch {slower}: {ratios}; the registered model "
+        f"int8 is SLOWER than fp32 at batch {slower} {where}: {ratios}; the registered model "
         "runs fp32 (the int8 file is stored beside it)"
     )
 

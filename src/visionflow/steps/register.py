@@ -219,7 +219,7 @@ def int8_tags(q: dict) -> dict[str, str]:
         tags["quantize_host_flags"] = q["host"]["flags"] or "none read"
     if q["status"] == "stored":
         tags["faster_variant"] = ", ".join(
-            f"batch {b}: {'int8' if q[f'speedup_b{b}'] > 1 else 'fp32'} "
+            f"batch {b}: {q['faster_variant'][f'batch_{b}']} "
             f"(int8 at {q[f'speedup_b{b}']:.2f}x fp32's speed)"
             for b in (1, 64)
         )

@@ -81,3 +81,8 @@ def host_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str]:
         "arch": platform.machine(),
         "flags": " ".join(f for f in INT8_FLAGS if f in flags),
     }
+
+
+def describe_host(host: dict[str, str]) -> str:
+    """`host_cpu()` in one line: "AMD EPYC (x86_64; sse4_1 avx avx2 fma)"."""
+    return f"{host['cpu']} ({host['arch']}; {host['flags'] or 'no int8 flags read'})"
