@@ -30,8 +30,8 @@ else
 	$(VENV)/bin/visionflow pipeline run $(ARGS)
 endif
 
-compile: $(STAMP) ## compile the pipeline and components into the Helm chart (charts/visionflow/files)
-	$(PY) -c 'from pathlib import Path; from visionflow.orchestration import compile_all; compile_all(Path("charts/visionflow/files"))'
+compile: $(STAMP) ## compile the pipeline and components: pipelines/, components/ and the Helm chart's files/
+	$(PY) -c 'from pathlib import Path; from visionflow.kfp.compile import compile_all; compile_all(Path.cwd())'
 
 # checkov pins boto3, packaging, networkx... below requirements.lock: it gets its own venv.
 $(CHECKOV_VENV)/bin/checkov:
@@ -45,8 +45,8 @@ mlflow-ui: $(STAMP) ## serve the local MLflow store on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.visionflow/mlflow.db --host 127.0.0.1 --port 5000
 
 lint: $(STAMP) ## ruff lint and format check
-	$(VENV)/bin/ruff check src components pipelines tests benchmarks
-	$(VENV)/bin/ruff format --check src components pipelines tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/hadolint --failure-threshold warning images/*.Dockerfile
 
 # Images: tags are the package's constants (its version), so a compiled pipeline names exactly

@@ -45,8 +45,6 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
 COPY README.md ./
 COPY configs configs
 COPY src src
-COPY components components
-COPY pipelines pipelines
 ARG VISIONFLOW_VERSION=""
 RUN pip wheel --no-deps --wheel-dir /tmp/dist . \
     && pip install -c requirements.lock /tmp/dist/visionflow-*.whl \

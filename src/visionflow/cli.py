@@ -117,13 +117,13 @@ def _dispatch(args) -> int:
     if args.command in STEPS:
         print(json.dumps(run_step(args.command, args.overrides), default=str))
     elif args.command == "pipeline" and args.action == "run":
-        from visionflow.orchestration import run_local
+        from visionflow.kfp.local import run_local
 
         summary, path = run_local(args.overrides)
         print(json.dumps(summary))
         print(f"summary written to {path}", file=sys.stderr)
     elif args.command == "pipeline" and args.action == "upload":
-        from visionflow.cluster.kfp_submit import upload
+        from visionflow.kfp.submit import upload
 
         pipeline_id, version_id = upload(
             args.host, Path(args.package), args.name, namespace=args.namespace
@@ -132,7 +132,7 @@ def _dispatch(args) -> int:
     elif args.command == "pipeline" and args.action == "submit":
         _submit(args)
     elif args.command == "pipeline" and args.action == "compile":
-        from visionflow.orchestration import compile_pipeline
+        from visionflow.kfp.compile import compile_pipeline
 
         print(f"compiled {compile_pipeline(Path(args.output))}")
     elif args.command == "list":
@@ -163,10 +163,10 @@ def _submit(args) -> None:
     import tempfile
     import time
 
-    from visionflow.cluster.kfp_submit import params_from_overrides, submit
     from visionflow.core.config import load_config
     from visionflow.core.factories import validate
-    from visionflow.orchestration import compile_pipeline
+    from visionflow.kfp.compile import compile_pipeline
+    from visionflow.kfp.submit import params_from_overrides, submit
 
     # On a cluster, artifacts go to MinIO and runs to the MLflow server (the user's own
     # overrides come after these and win).

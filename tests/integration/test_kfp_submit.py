@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 from tests.integration.fake_kfp import FakeKFP
-from visionflow.cluster.kfp_submit import (
+from visionflow.kfp.compile import compile_pipeline
+from visionflow.kfp.submit import (
     SubmitError,
     params_from_overrides,
     submit,
     upload,
     version_name,
 )
-from visionflow.orchestration import compile_pipeline
 
 NAME = "visionflow-training"
 SECRET = "compile-time-secret-value-7f3a"

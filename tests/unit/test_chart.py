@@ -27,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from visionflow.orchestration import compile_all
+from visionflow.kfp.compile import compile_all, compiled_files
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "visionflow"
@@ -397,13 +397,19 @@ def test_checkov_kubernetes_checks_pass_and_every_skip_is_needed(rendered, tmp_p
 
 
 def test_compiled_files_are_current(tmp_path):
-    """charts/visionflow/files holds what the code compiles today (`make compile` rewrites it)."""
+    """pipelines/, components/ and the chart's files/ hold what the code compiles today
+    (`make compile` rewrites them all)."""
     compile_all(tmp_path)
-    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
-    shipped = sorted(p.relative_to(CHART / "files") for p in (CHART / "files").rglob("*.yaml"))
+    fresh = sorted(p.relative_to(tmp_path) for p in compiled_files(tmp_path))
+    shipped = sorted(
+        p.relative_to(REPO)
+        for d in ("pipelines", "components", "charts/visionflow/files")
+        for p in (REPO / d).rglob("*")
+        if p.is_file()
+    )
     assert shipped == fresh, REGENERATE
     for rel in fresh:
-        assert (CHART / "files" / rel).read_bytes() == (tmp_path / rel).read_bytes(), (
+        assert (REPO / rel).read_bytes() == (tmp_path / rel).read_bytes(), (
             f"{rel} is stale: {REGENERATE}"
         )
 

@@ -277,8 +277,8 @@ def test_both_images_run_the_same_python():
 
 
 def test_image_tags_are_the_package_version():
-    import components
     import visionflow
+    from visionflow.kfp import components
 
     version = package_version()
     assert visionflow.__version__ == version, "visionflow.__version__ differs from pyproject.toml"
@@ -355,3 +355,20 @@ def test_build_context_carries_the_sources_and_nothing_else():
                         assert not _dockerignored(rel, patterns), (
                             f".dockerignore drops {rel} ({path.name} needs it)"
                         )
+
+
+def test_wheel_installs_only_the_visionflow_package(tmp_path):
+    """No top-level `components` or `pipelines` packages that would collide with other installs."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(REPO)],
+        check=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("visionflow-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"visionflow"}
+    assert "visionflow/kfp/pipeline.py" in names
+    assert "visionflow/configs/config.yaml" in names

@@ -2,10 +2,10 @@
 
 import yaml
 
-from components import IMAGE, TRAIN_IMAGE
 from visionflow import __version__
-from visionflow.orchestration import compile_pipeline
-from visionflow.pipeline_io import configure_overrides
+from visionflow.kfp.compile import compile_pipeline
+from visionflow.kfp.components import IMAGE, TRAIN_IMAGE
+from visionflow.kfp.io import configure_overrides
 
 KNOBS = {"data", "data_root", "data_test_root", "model", "max_epochs", "batch_size", "learning_rate",
          "min_score", "max_int8_drop", "registered_model_name", "overrides", "run_id"}  # fmt: skip

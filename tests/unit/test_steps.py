@@ -209,7 +209,7 @@ def test_the_quantize_component_fails_once_when_int8_is_required(tiny_run, tmp_p
     pipeline has no KFP retry on quantize (test_pipeline_spec.py), which kfp.local honours."""
     from kfp import dsl
 
-    from components.quantize import quantize as component
+    from visionflow.kfp.components.quantize import quantize as component
     from visionflow.steps import quantize as step
 
     cfg, r = tiny_run
@@ -268,7 +268,7 @@ def test_summary_has_every_promised_field(tiny_run):
 
 
 def test_the_report_says_plainly_when_int8_is_slower_or_rejected():
-    from visionflow.pipeline_io import quantize_report
+    from visionflow.kfp.reports import quantize_report
     from visionflow.steps.quantize import QuantizeResult, speed_verdict
     from visionflow.vision.tasks import Parity
 

@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
-from components import IMAGE
+from visionflow.kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -41,7 +41,7 @@ def configure(
         pipeline_job: Filled in by KFP with the pipeline job's name.
         config: The resolved config, for a person to read.
     """
-    from visionflow.pipeline_io import configure_overrides, step_config
+    from visionflow.kfp.io import configure_overrides, step_config
 
     resolved, run = configure_overrides(
         dict(data=data, data_root=data_root, data_test_root=data_test_root, model=model,

@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components import IMAGE
+from visionflow.kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -27,7 +27,8 @@ def evaluate(
         confusion: The confusion matrix, for the Kubeflow UI (classification only).
         report: The evaluation picture and the per-class table.
     """
-    from visionflow.pipeline_io import evaluation_html, step_config, uri_of
+    from visionflow.kfp.io import step_config, uri_of
+    from visionflow.kfp.reports import evaluation_html
     from visionflow.retry import retrying
     from visionflow.steps.evaluate import evaluate as run
 

@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import IMAGE
+from visionflow.kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -29,7 +29,8 @@ def quantize(
         metrics: The task's metric for both, the drop in points, agreement, speed-ups at batch 1 and 64.
         report: fp32 and int8 side by side, the host's CPU, and which variant is faster there.
     """
-    from visionflow.pipeline_io import quantize_report, step_config, uri_of, write_pointer
+    from visionflow.kfp.io import step_config, uri_of, write_pointer
+    from visionflow.kfp.reports import quantize_report
     from visionflow.retry import retrying
     from visionflow.steps.quantize import quantize as run
 

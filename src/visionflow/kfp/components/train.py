@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import TRAIN_IMAGE
+from visionflow.kfp.components import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
@@ -25,7 +25,7 @@ def train(
         model: Points at the best checkpoint.
         metrics: The best value of the task's validation metric, and training length.
     """
-    from visionflow.pipeline_io import step_config, write_pointer
+    from visionflow.kfp.io import step_config, write_pointer
     from visionflow.retry import retrying
     from visionflow.steps.train import train_anywhere
 

@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import IMAGE
+from visionflow.kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -25,7 +25,7 @@ def export(
         torchscript: The TorchScript model.
         parity: Max |logit difference| and top-1 agreement of each export.
     """
-    from visionflow.pipeline_io import step_config, uri_of, write_pointer
+    from visionflow.kfp.io import step_config, uri_of, write_pointer
     from visionflow.retry import retrying
     from visionflow.steps.export import export as run
 

@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
-from components import IMAGE
+from visionflow.kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -32,7 +32,7 @@ def register(
     """
     import json
 
-    from visionflow.pipeline_io import step_config, uri_of
+    from visionflow.kfp.io import step_config, uri_of
     from visionflow.retry import retrying
     from visionflow.runs import summary
     from visionflow.steps.register import register as run

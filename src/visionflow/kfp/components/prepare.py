@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Output
 
-from components import IMAGE
+from visionflow.kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -14,7 +14,8 @@ def prepare(overrides: list, run_id: str, dataset: Output[Dataset], report: Outp
         dataset: Points at the dataset (its store prefix); metadata holds counts and classes.
         report: Split sizes and the files that were skipped as unusable.
     """
-    from visionflow.pipeline_io import prepare_report, step_config, write_pointer
+    from visionflow.kfp.io import step_config, write_pointer
+    from visionflow.kfp.reports import prepare_report
     from visionflow.retry import retrying
     from visionflow.steps.prepare import prepare as run
 

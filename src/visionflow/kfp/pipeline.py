@@ -6,13 +6,13 @@ anything else goes through `overrides` (Hydra `key=value` strings).
 
 from kfp import dsl, kubernetes
 
-from components.configure import configure
-from components.evaluate import evaluate
-from components.export import export
-from components.prepare import prepare
-from components.quantize import quantize
-from components.register import register
-from components.train import train
+from visionflow.kfp.components.configure import configure
+from visionflow.kfp.components.evaluate import evaluate
+from visionflow.kfp.components.export import export
+from visionflow.kfp.components.prepare import prepare
+from visionflow.kfp.components.quantize import quantize
+from visionflow.kfp.components.register import register
+from visionflow.kfp.components.train import train
 
 # Kubernetes settings: used on a cluster, ignored by kfp.local. Secrets are referenced by name;
 # no credential is ever part of the compiled pipeline.

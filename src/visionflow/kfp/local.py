@@ -1,4 +1,4 @@
-"""Run the training pipeline: locally with kfp.local (no cluster, no Docker), or compile it."""
+"""Run the training pipeline on this machine with kfp.local (no cluster, no Docker)."""
 
 from __future__ import annotations
 
@@ -13,43 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.core.config import load_config
-from visionflow.runs import STEPS, write_summary
+from visionflow.runs import write_summary
 
 log = logging.getLogger("visionflow.pipeline")
 
 
 class PipelineError(RuntimeError):
     """A pipeline step failed; its own log above says why."""
-
-
-def compile_pipeline(path: Path) -> Path:
-    from kfp import compiler
-
-    from pipelines.training import training_pipeline
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(training_pipeline, package_path=str(path))
-    return path
-
-
-COMPONENTS = ("configure", *STEPS)
-
-
-def compile_all(directory: Path) -> list[Path]:
-    """The pipeline and every component, compiled as the Helm chart ships them:
-    `pipeline/training.yaml` and `components/<step>.yaml` under `directory`."""
-    import importlib
-
-    from kfp import compiler
-
-    written = [compile_pipeline(directory / "pipeline" / "training.yaml")]
-    (directory / "components").mkdir(parents=True, exist_ok=True)
-    for name in COMPONENTS:
-        component = getattr(importlib.import_module(f"components.{name}"), name)
-        path = directory / "components" / f"{name}.yaml"
-        compiler.Compiler().compile(component, str(path))
-        written.append(path)
-    return written
 
 
 def run_local(overrides: list[str]) -> tuple[dict[str, Any], Path]:
@@ -64,7 +34,7 @@ def run_local(overrides: list[str]) -> tuple[dict[str, Any], Path]:
     validate(cfg)
     from kfp import local
 
-    from pipelines.training import training_pipeline
+    from visionflow.kfp.pipeline import training_pipeline
 
     # Steps run `python3` as this interpreter (kfp swaps it in); subprocesses they start, too.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")

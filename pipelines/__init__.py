@@ -1,1 +1,0 @@
-"""Pipeline definitions. `make compile` writes their compiled YAML beside them."""

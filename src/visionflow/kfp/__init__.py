@@ -1,0 +1,10 @@
+"""Everything Kubeflow Pipelines: components, the pipeline DAG, compiling, local runs, submitting.
+
+- `components/`: one KFP component per step; each body builds the config and calls one step.
+- `pipeline`: the training DAG and how its tasks are wired to the cluster (kfp-kubernetes).
+- `compile`: the YAML that `make compile` writes (pipelines/, components/, the chart's files/).
+- `io`: what components share: the config from the pipeline's parameters, artifact pointers.
+- `reports`: what the Kubeflow UI shows for each step.
+- `local`: the whole pipeline on this machine with kfp.local.
+- `submit`: upload to and run on a Kubeflow Pipelines server.
+"""

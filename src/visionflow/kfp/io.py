@@ -1,0 +1,75 @@
+"""What the KFP components share: config from the pipeline's parameters, artifact pointers.
+
+A component body stays a few lines: build the config, call one step, describe its outputs.
+Artifacts carry a small JSON pointer (the store URI plus figures) rather than the bytes: the
+datasets and models themselves live in the artifact store (MinIO on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from visionflow import logs
+from visionflow.core.config import load_config
+
+
+def step_config(overrides: list[str], run_id: str):
+    from visionflow.core.factories import validate
+
+    logs.setup()
+    cfg = load_config([*overrides, f"run_id={run_id}"])
+    validate(cfg)
+    return cfg
+
+
+def write_pointer(artifact, uri: str, **metadata: Any) -> None:
+    """Point a KFP artifact at `uri`; figures go to its metadata for the UI and later steps."""
+    artifact.metadata["uri"] = uri
+    artifact.metadata.update(metadata)
+    with open(artifact.path, "w") as f:
+        json.dump({"uri": uri, **metadata}, f, indent=2, default=str)
+
+
+def uri_of(artifact) -> str:
+    """The store URI an upstream artifact points at (metadata first, else its JSON file)."""
+    if uri := artifact.metadata.get("uri"):
+        return uri
+    with open(artifact.path) as f:
+        return json.load(f)["uri"]
+
+
+# Pipeline parameter -> Hydra override. A parameter left at its "unset" value (empty, 0, or
+# negative) keeps what the config says, so experiments and `overrides` are not overridden by
+# the pipeline's own defaults.
+_KNOBS = {
+    "data": "data={}",
+    "data_root": "data.root={}",
+    "data_test_root": "data.test_root={}",
+    "model": "model={}",
+    "max_epochs": "trainer.max_epochs={}",
+    "batch_size": "data.batch_size={}",
+    "learning_rate": "optim.optimizer.lr={}",
+    "min_score": "evaluate.min_score={}",
+    "max_int8_drop": "quantize.max_accuracy_drop={}",
+    "registered_model_name": "register.model_name={}",
+}
+
+
+def configure_overrides(
+    knobs: dict[str, Any], overrides: list[str], run_id: str
+) -> tuple[list[str], str]:
+    """Overrides for the pipeline's parameters, then the user's own, and the run id to use."""
+    out = []
+    for name, value in knobs.items():
+        if isinstance(value, str):
+            unset = value == ""
+        elif name == "min_score":  # 0 is a meaningful gate (no gate)
+            unset = value < 0
+        else:
+            unset = value <= 0
+        if not unset:
+            out.append(_KNOBS[name].format(value))
+    from visionflow.core.config import new_run_id
+
+    return out + [str(o) for o in overrides], run_id or new_run_id()
