@@ -1,4 +1,4 @@
-"""The PyTorchJob launcher against a stand-in Kubernetes API server (tests/integration/fake_k8s.py).
+"""The PyTorchJob launcher against a stand-in Kubernetes API server (tests/cluster_sim/apiserver.py).
 
 No cluster runs here: the fake server answers the launcher's requests over real HTTP on
 127.0.0.1 and plays the Training Operator's part (conditions, pods, the Master's log).
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.integration.fake_k8s import FakeKubernetes, JobLife, Step, succeeding
+from tests.cluster_sim.apiserver import FakeKubernetes, JobLife, Step, succeeding
 from visionflow.cluster.launcher import LaunchCancelled, LaunchError, LaunchTimeout, launch
 
 NS = "team-a"
