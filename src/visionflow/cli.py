@@ -168,9 +168,8 @@ def _submit(args) -> None:
     from visionflow.kfp.compile import compile_pipeline
     from visionflow.kfp.submit import params_from_overrides, submit
 
-    # On a cluster, artifacts go to MinIO and runs to the MLflow server (the user's own
-    # overrides come after these and win).
-    args.overrides = ["storage=minio", "tracking=server", *args.overrides]
+    # Where artifacts and runs go on the cluster is the release's business (its mounted
+    # cluster config); a run's overrides only say what to train.
     validate(load_config(args.overrides))  # a bad config fails here, not in the cluster
     with tempfile.TemporaryDirectory() as tmp:
         package = (
