@@ -28,6 +28,24 @@ name; cut to 63 characters because some Kubernetes name fields are limited to th
 {{- printf "%s-%s" $prefix $suffix }}
 {{- end }}
 
+{{/*
+The name of a cluster-scoped part of the release: (list $ "jobs") -> <fullname>-<namespace>-jobs,
+so that releases of one name in two namespaces do not collide. Past 63 characters the
+<fullname>-<namespace> part is cut and a hash of the whole name keeps it unique.
+*/}}
+{{- define "visionflow.clusterScopedName" -}}
+{{- $ctx := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- $base := printf "%s-%s" (include "visionflow.fullname" $ctx) $ctx.Release.Namespace }}
+{{- $full := printf "%s-%s" $base $suffix }}
+{{- if le (len $full) 63 }}
+{{- $full }}
+{{- else }}
+{{- $cut := $base | trunc (int (sub 53 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s-%s" $cut (sha256sum $full | trunc 8) $suffix }}
+{{- end }}
+{{- end }}
+
 {{/* chart label: name-version. */}}
 {{- define "visionflow.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
