@@ -219,3 +219,17 @@ def test_the_uploaded_package_carries_no_credential(fake, tmp_path, monkeypatch)
     # every document (pipeline spec, and platform spec once Kubernetes settings are added)
     docs = list(yaml.safe_load_all(sent))
     assert docs[0]["pipelineInfo"]["name"] == NAME
+
+
+@pytest.mark.parametrize(
+    "override", ["storage=minio", "tracking.uri=http://elsewhere:5000", "run_id=../x",
+                 "optim.optimizer._target_=os.system"],  # fmt: skip
+)
+def test_submit_refuses_what_the_cluster_would_refuse_before_uploading(fake, override, capsys):
+    """Where artifacts and runs go is the release's (its mounted config); a run may not say."""
+    from visionflow.cli import main
+
+    code = main(["pipeline", "submit", "--host", fake.url, override])
+    assert code == 2
+    assert "refused" in capsys.readouterr().err
+    assert fake.uploads == [] and fake.runs == {}

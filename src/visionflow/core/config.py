@@ -87,6 +87,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (the first steps pay for compilation)
     # Recompute block activations in the backward pass: less memory, about a third more time.
     gradient_checkpointing: bool = False
+    # last.ckpt every this many optimizer steps as well as at epoch ends (0: epoch ends only);
+    # a killed run, rerun with the same run_id, continues from there, mid-epoch.
+    checkpoint_every_n_steps: int = 100
 
 
 @dataclass
@@ -136,12 +139,16 @@ class RegisterConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where and how training runs on Kubernetes (a Kubeflow Training Operator PyTorchJob)."""
+    """Where and how training runs on Kubernetes: a Kubeflow Training Operator PyTorchJob
+    (kubeflow.org/v1) or a Kubeflow Trainer TrainJob (trainer.kubeflow.org/v1alpha1)."""
 
-    launcher: str = (
-        "auto"  # auto: a PyTorchJob inside Kubernetes, in-process elsewhere | local | pytorchjob
-    )
-    namespace: str = "kubeflow"
+    # auto: a cluster job only inside the compiled pipeline's train step ($VISIONFLOW_KFP_STEP
+    # and $KUBERNETES_SERVICE_HOST both set), in-process elsewhere | local | pytorchjob (a
+    # cluster job of the kind `api` selects, from anywhere with a kubeconfig)
+    launcher: str = "auto"
+    api: str = "pytorchjob"  # pytorchjob | trainjob
+    runtime: str = "torch-distributed"  # trainjob: the (torch) ClusterTrainingRuntime
+    namespace: str | None = None  # None: the launching pod's own (else the kubeconfig's)
     image: str | None = None  # default: visionflow.TRAIN_IMAGE
     nodes: int = 1  # pods: one Master and nodes-1 Workers
     gpus_per_node: int = 0  # nvidia.com/gpu per pod and processes per pod (0: one CPU process)
@@ -153,8 +160,10 @@ class ClusterConfig:
     node_selector: Any = None
     tolerations: Any = None
     affinity: Any = None
-    backoff_limit: int = 0
+    backoff_limit: int = 3  # pod restarts (preemption, a lost node) before the job fails
     active_deadline_seconds: int = 86400
+    ttl_seconds_after_finished: int | None = 3600  # pytorchjob: then the job goes (None: kept)
+    pending_timeout_s: int = 1800  # pods not all running this long: delete the job, fail (0: off)
     clean_pod_policy: str = "Running"  # None | Running | All
     restart_policy: str = "OnFailure"
     s3_secret: str = "visionflow-minio"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
@@ -163,6 +172,16 @@ class ClusterConfig:
     )
     service_account: str | None = None  # for the pods; they need no Kubernetes API access
     port: int = 23456
+    # The ConfigMap with the site config (key cluster.yaml) that the training pods mount, as the
+    # pipeline's steps do (None: the pods get none; their config is the command line's alone).
+    site_config_map: str | None = None
+
+
+@dataclass
+class SweepConfig:
+    """The sweep a run belongs to (`visionflow pipeline run|submit -m`); set by the sweep."""
+
+    id: str | None = None  # its runs are `<id>-<n>`, grouped under one MLflow parent run
 
 
 @dataclass
@@ -181,6 +200,7 @@ class Config:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     run_id: str | None = None
     seed: int = 42
     workdir: str = ".visionflow"
@@ -207,15 +227,42 @@ SCHEMA = "visionflow_schema"  # the first entry of config.yaml's defaults list
 ConfigStore.instance().store(name=SCHEMA, node=Config)
 
 
+SITE_ENV = "VISIONFLOW_SITE_CONFIG"
+
+
+def site_overrides() -> list[str]:
+    """The site config named by $VISIONFLOW_SITE_CONFIG, as overrides that put it in the defaults.
+
+    A site config is a Hydra config file `<dir>/site/<name>.yaml` (`# @package _global_`) that an
+    operator, not a run, writes: the Helm release's cluster config (mounted into every step and
+    training pod), or the file `visionflow pipeline run` writes for its steps. It comes after the
+    experiment in the defaults list; command-line overrides still win over it.
+    """
+    value = os.environ.get(SITE_ENV)
+    if not value:
+        return []
+    path = Path(value)
+    if path.parent.name != "site" or path.suffix != ".yaml":
+        raise ConfigError(f"${SITE_ENV} must name a file <dir>/site/<name>.yaml, got {value!r}")
+    if not path.is_file():
+        raise ConfigError(
+            f"${SITE_ENV} names {value}, which does not exist: on a cluster, the release's "
+            "config ConfigMap is not mounted there (check the pipeline and the chart's names)"
+        )
+    return [f"hydra.searchpath=[file://{path.parent.parent}]", f"+site={path.stem}"]
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the config with Hydra overrides, validate it, and resolve every interpolation.
 
     The typed schema is the base of the composition, so every key it defines can be overridden
-    and Hydra itself rejects unknown keys and wrong types. Raises ConfigError naming the key.
+    and Hydra itself rejects unknown keys and wrong types. The site config, if any
+    (`site_overrides`), is part of the composition. Raises ConfigError naming the key.
     """
+    site = site_overrides()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=[*site, *overrides])
         # Again against the schema: `+key=value` adds keys that composition lets through.
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
         # Steps run in other processes (KFP tasks, pods): make local paths independent of cwd.

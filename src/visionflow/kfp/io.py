@@ -39,28 +39,35 @@ def uri_of(artifact) -> str:
         return json.load(f)["uri"]
 
 
-# Pipeline parameter -> Hydra override. A parameter left at its "unset" value (empty, 0, or
+# Pipeline parameter -> config key. A parameter left at its "unset" value (empty, 0, or
 # negative) keeps what the config says, so experiments and `overrides` are not overridden by
 # the pipeline's own defaults.
 _KNOBS = {
-    "data": "data={}",
-    "data_root": "data.root={}",
-    "data_test_root": "data.test_root={}",
-    "model": "model={}",
-    "max_epochs": "trainer.max_epochs={}",
-    "batch_size": "data.batch_size={}",
-    "learning_rate": "optim.optimizer.lr={}",
-    "min_score": "evaluate.min_score={}",
-    "max_int8_drop": "quantize.max_accuracy_drop={}",
-    "registered_model_name": "register.model_name={}",
+    "data": "data",
+    "data_root": "data.root",
+    "data_test_root": "data.test_root",
+    "model": "model",
+    "max_epochs": "trainer.max_epochs",
+    "batch_size": "data.batch_size",
+    "learning_rate": "optim.optimizer.lr",
+    "min_score": "evaluate.min_score",
+    "max_int8_drop": "quantize.max_accuracy_drop",
+    "registered_model_name": "register.model_name",
 }
 
 
 def configure_overrides(
     knobs: dict[str, Any], overrides: list[str], run_id: str
 ) -> tuple[list[str], str]:
-    """Overrides for the pipeline's parameters, then the user's own, and the run id to use."""
-    out = []
+    """Overrides for the pipeline's parameters, then the user's own, and the run id to use.
+
+    Everything is checked against the run parameters' allow-list (visionflow.kfp.params) first:
+    a refused parameter raises ParameterError naming it, before any work.
+    """
+    from visionflow.core.config import new_run_id
+    from visionflow.kfp.params import check_parameters
+
+    chosen = {}
     for name, value in knobs.items():
         if isinstance(value, str):
             unset = value == ""
@@ -69,7 +76,5 @@ def configure_overrides(
         else:
             unset = value <= 0
         if not unset:
-            out.append(_KNOBS[name].format(value))
-    from visionflow.core.config import new_run_id
-
-    return out + [str(o) for o in overrides], run_id or new_run_id()
+            chosen[name] = (_KNOBS[name], value)
+    return check_parameters(chosen, [str(o) for o in overrides], run_id or new_run_id())

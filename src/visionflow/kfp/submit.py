@@ -77,10 +77,17 @@ def run_url(host: str, run_id: str) -> str:
 
 
 def params_from_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Pipeline parameters from Hydra `key=value` overrides: `run_id=` is its own parameter."""
+    """Pipeline parameters from Hydra `key=value` overrides: `run_id=` is its own parameter.
+
+    They are checked here against the run parameters' allow-list (visionflow.kfp.params), as
+    the configure step will check them on the cluster: a refused one (storage, tracking,
+    `_target_`, `${...}`, ...) fails before anything is uploaded.
+    """
+    from visionflow.kfp.params import check_override, check_run_id
+
     run_ids = [o.split("=", 1)[1] for o in overrides if o.startswith("run_id=")]
-    rest = [o for o in overrides if not o.startswith("run_id=")]
-    return {"overrides": rest, "run_id": run_ids[-1] if run_ids else ""}
+    rest = [check_override(o) for o in overrides if not o.startswith("run_id=")]
+    return {"overrides": rest, "run_id": check_run_id(run_ids[-1]) if run_ids else ""}
 
 
 def upload(
