@@ -3,6 +3,7 @@
 visionflow <step> [key=value ...]      run one step: prepare, train, evaluate, export,
                                        quantize, register (Hydra overrides)
 visionflow pipeline run [key=value ...] the whole pipeline on this machine (kfp.local)
+visionflow pipeline run|submit -m key=a,b ...  a sweep: one run per combination
 visionflow pipeline compile [-o FILE]  write the compiled pipeline YAML
 visionflow list models|datamodules|transforms|callbacks [PATTERN]
 visionflow config [key=value ...]      print the resolved config
@@ -19,6 +20,7 @@ from visionflow import logs
 from visionflow.runs import STEPS
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
+MULTIRUN_HELP = "a sweep: one run per combination of key=a,b / choice() / range() / glob()"
 
 
 def _latest_file(workdir: str) -> Path:
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = sub.add_parser("pipeline", help="run or compile the whole pipeline")
     pipe_sub = pipe.add_subparsers(dest="action", required=True)
     pr = pipe_sub.add_parser("run", help="run the pipeline on this machine (kfp.local)")
+    pr.add_argument("-m", "--multirun", action="store_true", help=MULTIRUN_HELP)
     pr.add_argument("overrides", nargs="*", metavar="key=value")
     ps = pipe_sub.add_parser("submit", help="upload the pipeline to Kubeflow Pipelines and run it")
     ps.add_argument("--host", required=True, help="KFP URL, e.g. http://localhost:8080")
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--service-account", default="visionflow")
     ps.add_argument("--wait", action="store_true", help="follow the run to its end")
     ps.add_argument("--timeout", type=float, default=86400)
+    ps.add_argument("-m", "--multirun", action="store_true", help=MULTIRUN_HELP)
     ps.add_argument("overrides", nargs="*", metavar="key=value")
     pu = pipe_sub.add_parser("upload", help="upload a compiled pipeline as a version (idempotent)")
     pu.add_argument("--host", required=True)
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("pattern", nargs="?", default="*")
     cl = sub.add_parser("cluster", help="cluster tools")
     cl_sub = cl.add_subparsers(dest="action", required=True)
-    rj = cl_sub.add_parser("render-job", help="print the PyTorchJob a run would submit (dry run)")
+    rj = cl_sub.add_parser(
+        "render-job", help="print the PyTorchJob or TrainJob (cluster.api) a run would submit"
+    )
     rj.add_argument("overrides", nargs="*", metavar="key=value")
     cf = sub.add_parser("config", help="print the resolved config")
     cf.add_argument("overrides", nargs="*", metavar="key=value")
@@ -114,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "pipeline" and getattr(args, "multirun", False):
+        from visionflow.kfp import sweep
+
+        return sweep.cli_run(args.overrides) if args.action == "run" else sweep.cli_submit(args)
     if args.command in STEPS:
         print(json.dumps(run_step(args.command, args.overrides), default=str))
     elif args.command == "pipeline" and args.action == "run":
@@ -143,11 +153,10 @@ def _dispatch(args) -> int:
     elif args.command == "cluster" and args.action == "render-job":
         import yaml
 
-        from visionflow.cluster.pytorchjob import build_pytorchjob, validate_job
+        from visionflow.cluster.training import build_job
         from visionflow.core.config import load_config
 
-        job = build_pytorchjob(load_config(args.overrides), args.overrides)
-        validate_job(job)
+        job = build_job(load_config(args.overrides), args.overrides)  # validated
         print(yaml.safe_dump(job, sort_keys=False), end="")
     elif args.command == "config":
         from omegaconf import OmegaConf

@@ -1,4 +1,4 @@
-"""Following the Master's log while a PyTorchJob runs (for `launcher`).
+"""Following the Master's log while a PyTorchJob or TrainJob runs (for `launcher`).
 
 The Master's training container log is followed (`follow=True`) in a daemon thread, one stream
 per container instance, and handed to the calling thread through a queue: lines arrive as they
@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from visionflow.cluster.kubeapi import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, error_status
-from visionflow.cluster.pytorchjob import CONTAINER
 
 TAIL_LINES = 30  # of the Master's log, in a failure's message
 LOG_GRACE_S = 10.0  # how long a finished job's log stream may take to deliver its last lines
@@ -24,12 +23,20 @@ LOG_GRACE_S = 10.0  # how long a finished job's log stream may take to deliver i
 
 class MasterLog:
     """The Master pod's training-container log: followed while the job runs, its last lines
-    kept for a failure's message. The launch sets `pod` each time it lists the pods."""
+    kept for a failure's message. The launch sets `pod` each time it lists the pods.
+    `container`: the training container's name (a PyTorchJob's `pytorch`, a TrainJob's `node`).
+    """
 
     def __init__(
-        self, core, namespace: str, log: Callable[[str], None], note: Callable[[str], None]
+        self,
+        core,
+        namespace: str,
+        log: Callable[[str], None],
+        note: Callable[[str], None],
+        container: str = "pytorch",
     ) -> None:
         self.core, self.ns, self.log, self.note = core, namespace, log, note
+        self.container = container
         self.pod: dict[str, Any] | None = None  # the Master pod, as last listed
         self.lines: queue.Queue = queue.Queue()
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -43,7 +50,7 @@ class MasterLog:
             return None
         meta, status = self.pod.get("metadata") or {}, self.pod.get("status") or {}
         for cs in status.get("containerStatuses") or []:
-            if cs.get("name") == CONTAINER:
+            if cs.get("name") == self.container:
                 key = (meta.get("uid") or meta.get("name"), int(cs.get("restartCount") or 0))
                 return meta.get("name"), key, cs.get("state") or {}
         return None
@@ -58,7 +65,9 @@ class MasterLog:
         if key in self.done_keys or not (state.get("running") or state.get("terminated")):
             return
         self.drain(time.monotonic())  # count every line of a previous stream before skipping them
-        self.follower = _Follower(self.core, self.ns, pod, key, self.seen[key], self.lines)
+        self.follower = _Follower(
+            self.core, self.ns, pod, self.container, key, self.seen[key], self.lines
+        )
         self.follower.start()
 
     def drain(self, until: float) -> None:
@@ -116,7 +125,7 @@ class MasterLog:
             return "its pod was not found"
         try:
             text = self.core.read_namespaced_pod_log(
-                instance[0], self.ns, container=CONTAINER, tail_lines=TAIL_LINES,
+                instance[0], self.ns, container=self.container, tail_lines=TAIL_LINES,
                 _request_timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the failure is reported, not this
@@ -127,9 +136,19 @@ class MasterLog:
 class _Follower(threading.Thread):
     """Follows one container instance's log; hands (key, line) to the queue, then (key, None)."""
 
-    def __init__(self, core, namespace: str, pod: str, key: tuple, skip: int, out: queue.Queue):
+    def __init__(
+        self,
+        core,
+        namespace: str,
+        pod: str,
+        container: str,
+        key: tuple,
+        skip: int,
+        out: queue.Queue,
+    ):
         super().__init__(name=f"log-{pod}", daemon=True)
         self.core, self.namespace, self.pod, self.key = core, namespace, pod, key
+        self.container = container
         self.skip, self.out = skip, out
         self.complete = False  # the stream ended normally (the container exited)
         self.error: BaseException | None = None
@@ -137,7 +156,7 @@ class _Follower(threading.Thread):
     def run(self) -> None:
         try:
             resp = self.core.read_namespaced_pod_log(
-                self.pod, self.namespace, container=CONTAINER, follow=True,
+                self.pod, self.namespace, container=self.container, follow=True,
                 _preload_content=False, _request_timeout=(CONNECT_TIMEOUT_S, None),
             )  # fmt: skip
             try:

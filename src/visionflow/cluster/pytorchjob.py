@@ -1,27 +1,53 @@
-"""The PyTorchJob (kubeflow.org/v1) that runs the train step on a cluster.
+"""The PyTorchJob (kubeflow.org/v1) that runs the train step on a cluster, and what goes with it.
 
 One typed builder turns the run's config into the manifest: a Master and `nodes - 1` Workers,
 each a pod running the same `visionflow train` entrypoint (under torchrun when a pod has several
 GPUs). The Training Operator injects MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and the PET_*
 variables; rank 0 alone writes checkpoints and results. Pod templates are validated against the
-Kubernetes 1.30 schemas before anything is submitted.
+Kubernetes 1.30 schemas before anything is submitted. The TrainJob builder (`trainjob`) shares
+the config checks, the command and the pod settings defined here.
+
+The job's lifecycle is bounded whoever launches it:
+
+- ownerReferences: inside the pipeline's train step (env VISIONFLOW_POD_NAME and
+  VISIONFLOW_POD_UID, from the downward API) the job names the step's pod as its owner, so the
+  garbage collector deletes it with the run. No blockOwnerDeletion: that needs `update` on
+  pods/finalizers.
+- runPolicy.ttlSecondsAfterFinished (`cluster.ttl_seconds_after_finished`): a finished job,
+  kept for `kubectl logs`, goes after that long.
+- restartPolicy OnFailure and backoffLimit (`cluster.backoff_limit`, 3): a preempted or failed
+  pod is restarted inside the job and training resumes from its last checkpoint.
+- `build_network_policy`: the NetworkPolicy the launcher creates next to the job, owned by it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
 from visionflow import TRAIN_IMAGE
 from visionflow.core.config import ConfigError
 
-API_VERSION = "kubeflow.org/v1"
+GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+API_VERSION = f"{GROUP}/{VERSION}"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 PORT_NAME = "pytorchjob-port"
+# Labels the Training Operator (v1.5 and later) puts on a job's pods.
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
 K8S_VERSION = "1.30.0"
 WORKDIR = "/var/visionflow"  # an emptyDir: the root filesystem stays read-only
+RESTART_POLICIES = ("OnFailure", "Always", "Never", "ExitCode")
+# The pipeline's train step names its own pod (downward API): the job's owner.
+POD_NAME_ENV, POD_UID_ENV = "VISIONFLOW_POD_NAME", "VISIONFLOW_POD_UID"
+# Where the pipeline's steps mount the site config (visionflow.core.config.site_overrides); the
+# training pods mount `cluster.site_config_map` at the same place.
+SITE_DIR, SITE_KEY, SITE_ENV = "/var/run/visionflow/site", "cluster.yaml", "VISIONFLOW_SITE_CONFIG"
 
 
 def job_name(run_id: str) -> str:
@@ -31,8 +57,67 @@ def job_name(run_id: str) -> str:
     return f"vf-{base[:36].strip('-')}-{digest}"
 
 
-def train_command(cfg, overrides: list[str]) -> list[str]:
-    """The command every pod runs: the ordinary train step, told how it is distributed."""
+def step_owner(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The ownerReference to the pipeline step's own pod, or None outside such a step.
+
+    The pipeline sets VISIONFLOW_POD_NAME and VISIONFLOW_POD_UID on its train task (downward
+    API metadata.name, metadata.uid); both are needed.
+    """
+    env = os.environ if environ is None else environ
+    name, uid = env.get(POD_NAME_ENV, "").strip(), env.get(POD_UID_ENV, "").strip()
+    if not (name and uid):
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
+
+
+def check_cluster_config(cfg, what: str = "a cluster job") -> None:
+    """The checks both builders share; ConfigError names the key and what to do."""
+    c = cfg.cluster
+    if c.nodes < 1:
+        raise ConfigError(f"cluster.nodes must be at least 1, got {c.nodes}")
+    if c.gpus_per_node < 0:
+        raise ConfigError(f"cluster.gpus_per_node must be 0 or more, got {c.gpus_per_node}")
+    if c.backoff_limit < 0:
+        raise ConfigError(
+            f"cluster.backoff_limit must be 0 or more, got {c.backoff_limit}: it is how many "
+            "times a failed or preempted pod is restarted inside the job (3 by default)"
+        )
+    if c.ttl_seconds_after_finished is not None and c.ttl_seconds_after_finished < 0:
+        raise ConfigError(
+            "cluster.ttl_seconds_after_finished must be 0 or more (seconds a finished job is "
+            f"kept), or null to keep it, got {c.ttl_seconds_after_finished}"
+        )
+    if c.active_deadline_seconds < 1:
+        raise ConfigError(
+            f"cluster.active_deadline_seconds must be positive, got {c.active_deadline_seconds}"
+        )
+    if c.pending_timeout_s < 0:
+        raise ConfigError(
+            f"cluster.pending_timeout_s must be 0 (no limit) or more, got {c.pending_timeout_s}"
+        )
+    if not cfg.storage.root.startswith("s3://"):
+        raise ConfigError(
+            f"{what} needs a shared artifact store, but storage.root is {cfg.storage.root!r}: "
+            "pods do not share a local directory; use storage=minio"
+        )
+    if not cfg.tracking.uri.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{what} needs an MLflow tracking server, but tracking.uri is {cfg.tracking.uri!r}; "
+            "use tracking=server"
+        )
+
+
+def train_command(
+    cfg, overrides: list[str], *, always_torchrun: bool = False, workdir: str | None = None
+) -> list[str]:
+    """The command every pod runs: the ordinary train step, told how it is distributed.
+
+    A PyTorchJob's pods run `visionflow train` directly when each has one process: the Training
+    Operator sets the variables torch.distributed reads (MASTER_ADDR, RANK, ...). A TrainJob's
+    runtime sets only torchrun's PET_* variables, so its pods always start under torchrun
+    (`always_torchrun`); `workdir` then replaces any workdir= override (a TrainJob cannot set
+    the container's working directory).
+    """
     c = cfg.cluster
     gpus = c.gpus_per_node
     procs = max(gpus, 1)
@@ -45,18 +130,23 @@ def train_command(cfg, overrides: list[str]) -> list[str]:
     ]
     if c.nodes * procs > 1:
         settings.append("trainer.strategy=ddp")
-    args = [o for o in overrides if not o.startswith(("run_id=", "cluster.launcher="))] + settings
-    if procs == 1:
+    dropped = ("run_id=", "cluster.launcher=", *(("workdir=",) if workdir else ()))
+    args = [o for o in overrides if not o.startswith(dropped)]
+    if workdir:
+        args.append(f"workdir={workdir}")
+    args += settings
+    if procs == 1 and not always_torchrun:
         return ["visionflow", "train", *args]
-    # Several processes per pod: torchrun starts them; $(VAR) is expanded by the kubelet from
-    # the variables the Training Operator sets on the container.
+    # torchrun starts the processes; $(VAR) is expanded by the kubelet from the variables the
+    # operator sets on the container (a TrainJob's runtime: PET_MASTER_ADDR, PET_MASTER_PORT).
+    master = "PET_MASTER" if always_torchrun else "MASTER"
     return [
         "torchrun",
         "--nnodes=$(PET_NNODES)",
         "--nproc-per-node=$(PET_NPROC_PER_NODE)",
         "--node-rank=$(PET_NODE_RANK)",
-        "--master-addr=$(MASTER_ADDR)",
-        "--master-port=$(MASTER_PORT)",
+        f"--master-addr=$({master}_ADDR)",
+        f"--master-port=$({master}_PORT)",
         "-m",
         "visionflow.cli",
         "train",
@@ -73,6 +163,8 @@ def _env(cfg) -> list[dict[str, Any]]:
     ]
     if cfg.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": cfg.storage.endpoint})
+    if c.site_config_map:
+        env.append({"name": SITE_ENV, "value": f"{SITE_DIR}/{SITE_KEY}"})
     secrets = [(c.s3_secret, ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), False)]
     if c.mlflow_secret:
         secrets.append(
@@ -85,7 +177,8 @@ def _env(cfg) -> list[dict[str, Any]]:
     return env
 
 
-def _pod_template(cfg, command: list[str]) -> dict[str, Any]:
+def pod_template(cfg, command: list[str]) -> dict[str, Any]:
+    """The training pod: one container, restricted security, emptyDirs for what it writes."""
     from omegaconf import OmegaConf
 
     c = SimpleNamespace(**OmegaConf.to_container(cfg.cluster, resolve=True))  # plain values
@@ -129,6 +222,14 @@ def _pod_template(cfg, command: list[str]) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    if c.site_config_map:  # the release's site config, read-only, where the steps have it
+        items = [{"key": SITE_KEY, "path": SITE_KEY}]
+        spec["volumes"].append(
+            {"name": "site", "configMap": {"name": c.site_config_map, "items": items}}
+        )
+        spec["containers"][0]["volumeMounts"].append(
+            {"name": "site", "mountPath": SITE_DIR, "readOnly": True}
+        )
     if c.service_account:
         spec["serviceAccountName"] = c.service_account
     if c.node_selector:
@@ -152,74 +253,150 @@ def _label(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", value)[:63].strip("-_.")
 
 
-def build_pytorchjob(cfg, overrides: list[str]) -> dict[str, Any]:
-    """The PyTorchJob manifest for this run's training."""
+def labels(cfg) -> dict[str, str]:
+    """The labels of the job and of what goes with it."""
+    return {
+        "app.kubernetes.io/name": "visionflow",
+        "app.kubernetes.io/component": "train",
+        "visionflow/run-id": _label(cfg.run_id),
+    }
+
+
+def job_metadata(cfg, owner: dict[str, Any] | None) -> dict[str, Any]:
+    """name, namespace (left to the launcher when cluster.namespace is unset), labels, owner."""
+    meta: dict[str, Any] = {"name": job_name(cfg.run_id)}
+    if cfg.cluster.namespace:
+        meta["namespace"] = cfg.cluster.namespace
+    meta["labels"] = labels(cfg)
+    if owner is not None:
+        meta["ownerReferences"] = [dict(owner)]
+    return meta
+
+
+def build_pytorchjob(
+    cfg, overrides: list[str], owner: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The PyTorchJob manifest for this run's training.
+
+    `owner`: an ownerReference (`step_owner()`: the pipeline step's pod) the job is deleted with.
+    Without cluster.namespace the manifest has no namespace: the launcher uses its own.
+    """
     from omegaconf import OmegaConf
 
-    c = cfg.cluster
-    if c.nodes < 1:
-        raise ConfigError(f"cluster.nodes must be at least 1, got {c.nodes}")
-    if c.clean_pod_policy not in ("None", "Running", "All"):
+    check_cluster_config(cfg, "a PyTorchJob")
+    if cfg.cluster.clean_pod_policy not in ("None", "Running", "All"):
         raise ConfigError(
-            f"cluster.clean_pod_policy must be None, Running or All, got {c.clean_pod_policy!r}"
+            "cluster.clean_pod_policy must be None, Running or All, "
+            f"got {cfg.cluster.clean_pod_policy!r}"
         )
-    if not cfg.storage.root.startswith("s3://"):
+    if cfg.cluster.restart_policy not in RESTART_POLICIES:
         raise ConfigError(
-            f"a PyTorchJob needs a shared artifact store, but storage.root is {cfg.storage.root!r}: "
-            "pods do not share a local directory; use storage=minio"
+            f"cluster.restart_policy must be one of {', '.join(RESTART_POLICIES)}, got "
+            f"{cfg.cluster.restart_policy!r}; OnFailure restarts a failed or preempted pod, and "
+            "training resumes from its last checkpoint"
         )
-    if not cfg.tracking.uri.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"a PyTorchJob needs an MLflow tracking server, but tracking.uri is {cfg.tracking.uri!r}; "
-            "use tracking=server"
-        )
-    c = OmegaConf.to_container(c, resolve=True)  # plain values for the manifest
+    c = OmegaConf.to_container(cfg.cluster, resolve=True)  # plain values for the manifest
     command = train_command(cfg, overrides)
     replicas: dict[str, Any] = {}
     for role, count in (("Master", 1), ("Worker", c["nodes"] - 1)):
         if count:
-            template = _pod_template(cfg, command)
             replicas[role] = {
                 "replicas": count,
                 "restartPolicy": c["restart_policy"],
-                "template": template,
+                "template": pod_template(cfg, command),
             }
+    run_policy: dict[str, Any] = {
+        "backoffLimit": c["backoff_limit"],
+        "activeDeadlineSeconds": c["active_deadline_seconds"],
+        "cleanPodPolicy": c["clean_pod_policy"],
+    }
+    if c["ttl_seconds_after_finished"] is not None:
+        run_policy["ttlSecondsAfterFinished"] = c["ttl_seconds_after_finished"]
     return {
         "apiVersion": API_VERSION,
-        "kind": "PyTorchJob",
-        "metadata": {
-            "name": job_name(cfg.run_id),
-            "namespace": c["namespace"],
-            "labels": {
-                "app.kubernetes.io/name": "visionflow",
-                "app.kubernetes.io/component": "train",
-                "visionflow/run-id": _label(cfg.run_id),
-            },  # fmt: skip
-        },
+        "kind": KIND,
+        "metadata": job_metadata(cfg, owner),
         "spec": {
             "nprocPerNode": str(max(c["gpus_per_node"], 1)),
-            "runPolicy": {
-                "backoffLimit": c["backoff_limit"],
-                "activeDeadlineSeconds": c["active_deadline_seconds"],
-                "cleanPodPolicy": c["clean_pod_policy"],
-            },
+            "runPolicy": run_policy,
             "pytorchReplicaSpecs": replicas,
         },
     }
+
+
+def check_pod_values(spec: dict[str, Any], where: str) -> None:
+    """What the schemas leave to the API server: quantities parse, mounts name a volume."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    volumes = {v.get("name") for v in spec.get("volumes") or []}
+    quantities = [
+        (f"volumes[{v.get('name')}].emptyDir.sizeLimit", (v.get("emptyDir") or {}).get("sizeLimit"))
+        for v in spec.get("volumes") or []
+    ]
+    for ct in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
+        for kind, values in (ct.get("resources") or {}).items():
+            for resource, value in (values or {}).items():
+                quantities.append((f"{ct.get('name')}.resources.{kind}.{resource}", value))
+        for mount in ct.get("volumeMounts") or []:
+            if mount.get("name") not in volumes:
+                raise ValueError(
+                    f"{where}: container {ct.get('name')} mounts volume {mount.get('name')!r}, "
+                    f"which the pod does not define ({sorted(v for v in volumes if v)})"
+                )
+    for path, value in quantities:
+        if value is None:
+            continue
+        try:
+            parse_quantity(value)
+        except (ValueError, TypeError, ArithmeticError):
+            raise ValueError(
+                f"{where}: {path} is not a Kubernetes quantity: {value!r} (e.g. 4, 500m, 16Gi)"
+            ) from None
+
+
+def validate_metadata(meta: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
+    """The job's metadata (name, labels, ownerReferences) against Kubernetes' ObjectMeta schema."""
+    import kubernetes_validate
+
+    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
+    try:
+        kubernetes_validate.validate(carrier, k8s_version, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        path = "/".join(str(p) for p in err.path)
+        raise ValueError(f"the job's {path} is invalid: {err.message}") from None
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("blockOwnerDeletion"):
+            raise ValueError(
+                "the job's ownerReferences may not set blockOwnerDeletion: that needs update on "
+                f"the owner's finalizers, which the launcher's Role does not have ({ref})"
+            )
 
 
 def validate_job(job: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
     """Check the job's shape and validate every pod template as a Pod of Kubernetes 1.30.
 
     kubernetes-validate has no schema for the PyTorchJob CRD itself, so its envelope is checked
-    here and its pod templates, which carry everything that can be wrong, by the real schemas.
+    here (runPolicy against the Training Operator's v1 RunPolicy fields, metadata as ObjectMeta)
+    and its pod templates, which carry everything else that can be wrong, by the real schemas.
     """
     import kubernetes_validate
+    from kubeflow.training.models import KubeflowOrgV1RunPolicy
 
-    if job.get("apiVersion") != API_VERSION or job.get("kind") != "PyTorchJob":
+    if job.get("apiVersion") != API_VERSION or job.get("kind") != KIND:
+        raise ValueError(f"not a {API_VERSION} {KIND}: {job.get('apiVersion')}/{job.get('kind')}")
+    validate_metadata(job["metadata"], k8s_version)
+    policy = job["spec"].get("runPolicy") or {}
+    unknown = set(policy) - set(KubeflowOrgV1RunPolicy.attribute_map.values())
+    if unknown:
         raise ValueError(
-            f"not a {API_VERSION} PyTorchJob: {job.get('apiVersion')}/{job.get('kind')}"
+            f"runPolicy has fields a kubeflow.org/v1 RunPolicy lacks: {sorted(unknown)}"
         )
+    for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        value = policy.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
+            raise ValueError(f"runPolicy.{key} must be an integer >= 0, got {value!r}")
     specs = job["spec"]["pytorchReplicaSpecs"]
     if (
         set(specs) - {"Master", "Worker"}
@@ -250,3 +427,85 @@ def validate_job(job: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
             raise ValueError(
                 f"{role} pod template is invalid for Kubernetes {k8s_version} at {path}: {err.message}"
             ) from None
+        check_pod_values(template["spec"], f"{role} pod template")
+
+
+# --- the NetworkPolicy next to the job -----------------------------------------------------------
+
+
+def pod_selector(job: dict[str, Any]) -> dict[str, str]:
+    """The label selector of the job's pods, as its operator labels them."""
+    if job.get("kind") == KIND:
+        return {JOB_NAME_LABEL: job["metadata"]["name"]}
+    from visionflow.cluster import trainjob
+
+    if job.get("kind") == trainjob.KIND:
+        return {trainjob.JOBSET_NAME_LABEL: job["metadata"]["name"]}
+    raise ValueError(f"no pods known for a {job.get('apiVersion')}/{job.get('kind')}")
+
+
+def rendezvous_port(job: dict[str, Any]) -> int:
+    """The port torch.distributed's rendezvous (the TCPStore on rank 0) listens on."""
+    if job.get("kind") == KIND:
+        master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        for container in master["containers"]:
+            for port in container.get("ports") or []:
+                if port.get("name") == PORT_NAME:
+                    return int(port["containerPort"])
+        return 23456  # the Training Operator's default
+    from visionflow.cluster import trainjob
+
+    return trainjob.TRAINER_PORT
+
+
+def build_network_policy(job: dict[str, Any], uid: str) -> dict[str, Any]:
+    """The NetworkPolicy that admits traffic to the job's pods from the job's own pods only.
+
+    It selects the job's pods and admits ingress only from pods with the same job label, so the
+    rendezvous port (`rendezvous_port`) is reachable from the job's pods and from nothing else.
+    All ports are open between them: NCCL and gloo connect the ranks on ephemeral ports beside
+    the rendezvous, and a policy that admitted the rendezvous port alone would hang multi-node
+    training at its first collective. policyTypes is [Ingress]: the pods still reach MinIO,
+    MLflow and DNS. Its ownerReference to the job (`uid`, from the create response) makes the
+    garbage collector delete it with the job (by TTL, by the launcher, or with the run).
+    """
+    meta = job["metadata"]
+    selector = pod_selector(job)
+    port = rendezvous_port(job)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {"visionflow/rendezvous-port": str(port)},
+            "ownerReferences": [
+                {
+                    "apiVersion": job["apiVersion"],
+                    "kind": job["kind"],
+                    "name": meta["name"],
+                    "uid": uid,
+                }
+            ],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": dict(selector)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": dict(selector)}}]}],
+        },
+    }
+
+
+def validate_network_policy(policy: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
+    """The policy against Kubernetes' networking.k8s.io/v1 schema (strict: no unknown fields)."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(policy, k8s_version, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        path = "/".join(str(p) for p in err.path)
+        raise ValueError(
+            f"the job's NetworkPolicy is invalid for Kubernetes {k8s_version} at {path}: "
+            f"{err.message}"
+        ) from None
