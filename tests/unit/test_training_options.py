@@ -408,7 +408,7 @@ def test_gradient_checkpointing_recomputes_blocks_in_the_backward_pass(tmp_path)
     cfg = _config(tmp_path, "train.gradient_checkpointing=true")
     module = ClassificationModule(
         build_model({"name": "resnet18"}, num_classes=5), {}, to_container(cfg.optim),
-        **to_container(cfg.train),
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
     )  # fmt: skip
     block = block_sequences(module.net.net)[0][0]
     calls = []

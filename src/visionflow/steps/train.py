@@ -1,8 +1,12 @@
 """train: Lightning training from prepare's shards, with checkpoints in the artifact store.
 
-Checkpoints (`last.ckpt` every epoch, `best.ckpt` by the task's validation metric) are written locally
-and copied to `checkpoints/<run_id>/` in the store as soon as they are saved. Rerunning with the
-same run id downloads `last.ckpt` and continues from its step.
+Checkpoints (`last.ckpt` every epoch and every `train.checkpoint_every_n_steps` optimizer steps,
+`best.ckpt` by the task's validation metric) are written locally and copied to
+`checkpoints/<run_id>/` in the store as soon as they are saved (by rank 0; each copy replaces the
+stored file only once complete, so a kill mid-upload leaves the previous one). Rerunning with
+the same run id downloads `last.ckpt` and continues from its step, mid-epoch if it was saved
+there: the rest of that epoch's batches in the same order, optimizer, LR schedule and step count
+as they were (`vision/data/resumable.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from visionflow import tracking
+from visionflow.callbacks.checkpointing import step_checkpoints
 from visionflow.core.config import flatten, to_container
 from visionflow.core.contracts import check_classifier, check_datamodule
 from visionflow.core.factories import (
@@ -93,6 +98,7 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     }
     module_class = MODULES[task]
     options = to_container(cfg.train)
+    every_n_steps = options.pop("checkpoint_every_n_steps")  # the Trainer's, not the module's
     if task == "classification":
         options["batch_transform"] = build_batch_transform(cfg, task, len(dm.classes))
     module = module_class(net, spec, to_container(cfg.optim), **options)
@@ -102,15 +108,16 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     resume_from = _download_checkpoints(store, prefix, local_dir)
     resumed_step = None
     if resume_from is not None:
-        resumed_step = int(
-            torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]
-        )
+        saved = torch.load(resume_from, map_location="cpu", weights_only=True)
+        resumed_step = int(saved["global_step"])
         log.info(
-            "resuming run %s from %s at step %d",
+            "resuming run %s from %s at step %d%s",
             cfg.run_id,
             store.uri(f"{prefix}/last.ckpt"),
             resumed_step,
+            _epoch_position(saved, dm),
         )
+        del saved
 
     # Only rank 0 talks to MLflow: other ranks would race to create the run.
     from lightning.pytorch.loggers import MLFlowLogger
@@ -133,11 +140,17 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     latest = ModelCheckpoint(
         dirpath=local_dir, filename="last", save_top_k=1, enable_version_counter=False
     )
-    callbacks = [checkpoint, latest, progress_callback(), *build_callbacks(cfg.callbacks)]
+    callbacks = [checkpoint, latest, *step_checkpoints(local_dir, every_n_steps),
+                 progress_callback(), *build_callbacks(cfg.callbacks)]  # fmt: skip
     trainer = build_trainer(cfg, callbacks, logger, plugins=[StoreCheckpointIO(store, prefix)])
     if mlflow_run_id:
         _log_run_info(logger, cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+    trainer.fit(
+        module,
+        datamodule=dm,
+        ckpt_path=str(resume_from) if resume_from else None,
+        weights_only=True,  # our own checkpoints hold tensors and plain values only
+    )
 
     best = checkpoint.best_model_score
     result = TrainResult(
@@ -183,6 +196,14 @@ def _download_checkpoints(store: ArtifactStore, prefix: str, local_dir: Path) ->
         if store.exists(f"{prefix}/{name}"):
             store.get_file(f"{prefix}/{name}", local_dir / name)
     return local_dir / "last.ckpt"
+
+
+def _epoch_position(checkpoint: dict[str, Any], dm) -> str:
+    """' (epoch E, after batch B of N)' for a checkpoint saved mid-epoch, else ''."""
+    state = checkpoint.get(type(dm).__qualname__, {}).get("train_batches")
+    if not state or not 0 < state["batches"] < state["of"]:
+        return ""
+    return f" (epoch {state['epoch'] + 1}, after batch {state['batches']} of {state['of']})"
 
 
 def _log_run_info(logger, cfg) -> None:

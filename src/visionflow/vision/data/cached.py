@@ -9,7 +9,8 @@ translation with reflect padding, horizontal flip) and converted to float [0, 1]
 `DeviceBatches` is a plain iterable with a length, which Lightning's Trainer accepts in place
 of a DataLoader: batches already on the model's device pass through its `batch_to_device`
 unchanged. Epochs reshuffle through `sampler.set_epoch`, which the Trainer calls as it does
-for a DistributedSampler.
+for a DistributedSampler, and a restarted run continues an interrupted epoch where its last
+checkpoint left it, with the same augmentation (`resumable.py`).
 
 Limits:
 - The whole split must fit in memory (CIFAR-10's 50,000 images: 150 MB); under DDP each rank
@@ -29,7 +30,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import torch
 from PIL import Image
 
 from visionflow.core.config import ConfigError
+from visionflow.vision.data.resumable import EpochOrder, ResumableBatches, seed_for
 from visionflow.vision.data.shards import ShardDataset
 
 log = logging.getLogger("visionflow.data")
@@ -147,38 +149,12 @@ class _ShardReader:
         return f.read(entry.size)
 
 
-class ShardedIndices:
-    """This rank's sample indices for an epoch: a seeded permutation shared by all ranks (or
-    the natural order), every `world_size`-th index from `rank`. `set_epoch` reseeds it."""
-
-    def __init__(
-        self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.per_rank = math.ceil(n / world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> torch.Tensor:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        pad = self.per_rank * self.world_size - self.n
-        if pad:  # every rank gets the same count: repeat the first samples
-            order = torch.cat([order, order[:pad]])
-        return order[self.rank :: self.world_size]
-
-
-class DeviceBatches:
+class DeviceBatches(ResumableBatches):
     """Batches of (float images in [0, 1], labels) cut from a cached uint8 tensor on its device.
 
     Iterating runs one epoch; without a `set_epoch` call in between, the next iteration is the
-    next epoch (a new shuffle).
+    next epoch (a new shuffle). Training batches resume mid-epoch (`ResumableBatches`), and
+    batch b of epoch e is augmented with a generator seeded by (seed, epoch, rank, b).
     """
 
     def __init__(
@@ -192,23 +168,23 @@ class DeviceBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        pending: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
+        order = EpochOrder(len(images), shuffle, seed, rank, world_size)
+        super().__init__(order, batch_size, drop_last=drop_last, pending=pending)
         self.images, self.labels = images, labels.to(images.device)
-        self.batch_size, self.augment, self.drop_last = batch_size, augment, drop_last
-        self.sampler = ShardedIndices(len(images), shuffle, seed, rank, world_size)
-        self.batch_sampler = None  # Lightning reads both of a DataLoader's sampler attributes
-        self.generator = torch.Generator(images.device).manual_seed(seed + 1 + rank)
+        self.augment = augment
+        self.generator = torch.Generator(images.device)
 
-    def __len__(self) -> int:
-        n = self.sampler.per_rank
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.sampler.indices().to(self.images.device)
-        self.sampler.epoch += 1
-        for b in range(len(self)):
+    def _batches(
+        self, order: torch.Tensor, epoch: int, first: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = order.to(self.images.device)
+        s = self.sampler
+        for b in range(math.ceil(len(order) / self.batch_size)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.images[idx]
             if self.augment is not None:
+                self.generator.manual_seed(seed_for(s.seed, epoch, s.rank, first + b))
                 images = self.augment(images, self.generator)
             yield images.float().div_(255), self.labels[idx]

@@ -27,6 +27,7 @@ from visionflow.vision.data.cached import (
     check_cache_mode,
     decode_shards,
 )
+from visionflow.vision.data.resumable import EpochOrder, ResumableBatches, ShardBatches
 from visionflow.vision.data.shapes import SHAPE_CLASSES, make_shape
 from visionflow.vision.data.shards import IMAGE_EXTS, ShardDataset, fetch_shards, load_manifest
 
@@ -52,6 +53,10 @@ class ShardDataModule(pl.LightningDataModule):
     `cache="none"` serves batches through DataLoaders that decode every epoch; `"memory"` or
     `"gpu"` decodes each split once and serves `DeviceBatches` augmented by `batch_augment`
     (see `cached.py`).
+
+    Training batches either way are `ResumableBatches`: the DataModule's state (in every
+    checkpoint) says how far the training epoch had got, and a run restored from a mid-epoch
+    checkpoint continues that epoch with its remaining batches (see `resumable.py`).
     """
 
     tasks: tuple[str, ...] = ("classification",)
@@ -83,6 +88,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.classes: list[str] = self.manifest["classes"]
         self.image_size: int = self.manifest["image_size"]
         self.datasets: dict[str, ShardDataset] = {}
+        self._train_batches: ResumableBatches | None = None  # the newest training loader
+        self._train_state: dict[str, Any] | None = None  # restored, not yet taken by a loader
 
     @classmethod
     def raw_samples(cls, data_cfg, seed: int) -> tuple[list[str], Iterator[RawSample]]:
@@ -110,9 +117,13 @@ class ShardDataModule(pl.LightningDataModule):
             self.cached[split] = images.to(device), labels.to(device)
         return self.cached[split]
 
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
     def _device_batches(self, split: str, train: bool) -> DeviceBatches:
         images, labels = self.decoded(split)
-        trainer = self.trainer
+        rank, world_size = self._rank()
         return DeviceBatches(
             images,
             labels,
@@ -121,17 +132,19 @@ class ShardDataModule(pl.LightningDataModule):
             augment=self.batch_augment if train else None,
             drop_last=train,
             seed=self.seed,
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
+            rank=rank,
+            world_size=world_size,
+            pending=self._take_train_state if train else None,
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceBatches:
+    def _loader(self, split: str) -> DataLoader | DeviceBatches:
+        """An evaluation split's batches, in order (Lightning shards a DataLoader under DDP)."""
         if self.cache != "none":
-            return self._device_batches(split, train=shuffle)
+            return self._device_batches(split, train=False)
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -139,14 +152,43 @@ class ShardDataModule(pl.LightningDataModule):
             collate_fn=self.collate_fn,
         )
 
-    def train_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableBatches:
+        if self.cache != "none":
+            batches: ResumableBatches = self._device_batches("train", train=True)
+        else:
+            dataset, (rank, world_size) = self.dataset("train"), self._rank()
+            batches = ShardBatches(
+                dataset,
+                EpochOrder(len(dataset), shuffle=True, seed=self.seed, rank=rank,
+                           world_size=world_size),
+                self.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=self.collate_fn,
+                pin_memory=torch.cuda.is_available(),
+                pending=self._take_train_state,
+            )  # fmt: skip
+        self._train_batches = batches
+        return batches
 
     def val_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
+
+    def state_dict(self) -> dict[str, Any]:
+        """How far training has got through its current epoch (saved in every checkpoint)."""
+        if self._train_batches is None:
+            return {}
+        return {"train_batches": self._train_batches.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_state = state_dict.get("train_batches")
+
+    def _take_train_state(self) -> dict[str, Any] | None:
+        """The restored state, once: for the training loader whose epoch starts first."""
+        state, self._train_state = self._train_state, None
+        return state
 
 
 @DATAMODULES.register("shapes")
