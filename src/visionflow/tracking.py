@@ -2,12 +2,16 @@
 
 Each step finds the run by its `visionflow.run_id` tag (or creates it), so the steps of one
 pipeline run, in separate processes or pods, log into one place; a rerun resumes the same run.
+A run of a sweep (`sweep.id`) is a child (`mlflow.parentRunId`) of the sweep's parent run, found
+or created by its `visionflow.sweep_id` tag: no coordinator, wherever the runs start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,6 +20,10 @@ from typing import Any
 from visionflow.retry import TransientError
 
 RUN_TAG = "visionflow.run_id"
+SWEEP_TAG = "visionflow.sweep_id"  # on a sweep's parent run and on each of its runs
+SWEEP_PARENT_TAG = "visionflow.sweep_parent"  # "true" on the parent only
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this one
+SWEEP_SETTLE_S = 0.5  # after creating a parent: time for one created elsewhere to show
 
 # A server that is down should fail a step in seconds, not after minutes of retries.
 # (MLflow's defaults retry a dead server for about four minutes.)
@@ -76,10 +84,52 @@ def run_for(cfg) -> str:
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{cfg.run_id}'", max_results=1
     )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=cfg.run_id, tags={RUN_TAG: cfg.run_id})
+    sweep_id = cfg.get("sweep", {}).get("id")
+    tags = {RUN_TAG: cfg.run_id}
+    if sweep_id:
+        tags.update({SWEEP_TAG: sweep_id, PARENT_TAG: sweep_parent(experiment_id, sweep_id)})
+    if found:  # (re)linked to the sweep's parent: the one that won a race may have changed
+        run = found[0]
+        for key, value in tags.items():
+            if run.data.tags.get(key) != value:
+                client.set_tag(run.info.run_id, key, value)
+        return run.info.run_id
+    run = client.create_run(experiment_id, run_name=cfg.run_id, tags=tags)
     return run.info.run_id
+
+
+def sweep_parent(experiment_id: str, sweep_id: str) -> str:
+    """The id of the sweep's parent run in the experiment, creating it on first use.
+
+    Runs of one sweep may start at once in different pods. A creator looks again after creating;
+    the oldest parent (by start time, then id) wins and the others are deleted, so all agree on
+    one; a run linked to a deleted parent is relinked when its next step calls run_for.
+    """
+    import mlflow
+
+    if not sweep_id or any(c in sweep_id for c in "'\\\""):
+        raise ValueError(f"sweep.id {sweep_id!r} cannot name a sweep: no quotes or backslashes")
+    client = mlflow.MlflowClient()
+    found = _sweep_parents(client, experiment_id, sweep_id)
+    if not found:
+        tags = {SWEEP_TAG: sweep_id, SWEEP_PARENT_TAG: "true"}
+        created = client.create_run(experiment_id, run_name=sweep_id, tags=tags)
+        client.set_terminated(created.info.run_id)  # a grouping, with no work of its own
+        time.sleep(SWEEP_SETTLE_S)
+        found = _sweep_parents(client, experiment_id, sweep_id) or [created]
+    for extra in found[1:]:  # (another run of the sweep may have deleted it meanwhile)
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.delete_run(extra.info.run_id)
+    return found[0].info.run_id
+
+
+def _sweep_parents(client, experiment_id: str, sweep_id: str) -> list:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND tags.`{SWEEP_PARENT_TAG}` = 'true'",
+        max_results=100,
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def system_info() -> dict[str, Any]:
