@@ -354,16 +354,24 @@ def check_pod_values(spec: dict[str, Any], where: str) -> None:
             ) from None
 
 
-def validate_metadata(meta: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
-    """The job's metadata (name, labels, ownerReferences) against Kubernetes' ObjectMeta schema."""
+def check_schema(obj: dict[str, Any], what: str, k8s_version: str = K8S_VERSION) -> None:
+    """`obj` against Kubernetes' own schema for its kind (strict: no unknown fields); a
+    ValueError names `what`, the field's path and the schema's message."""
     import kubernetes_validate
 
-    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
     try:
-        kubernetes_validate.validate(carrier, k8s_version, strict=True)
+        kubernetes_validate.validate(obj, k8s_version, strict=True)
     except kubernetes_validate.ValidationError as err:
         path = "/".join(str(p) for p in err.path)
-        raise ValueError(f"the job's {path} is invalid: {err.message}") from None
+        raise ValueError(
+            f"{what} is invalid for Kubernetes {k8s_version} at {path}: {err.message}"
+        ) from None
+
+
+def validate_metadata(meta: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
+    """The job's metadata (name, labels, ownerReferences) against Kubernetes' ObjectMeta schema."""
+    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta}
+    check_schema(carrier, "the job's metadata", k8s_version)
     for ref in meta.get("ownerReferences") or []:
         if ref.get("blockOwnerDeletion"):
             raise ValueError(
@@ -379,7 +387,6 @@ def validate_job(job: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
     here (runPolicy against the Training Operator's v1 RunPolicy fields, metadata as ObjectMeta)
     and its pod templates, which carry everything else that can be wrong, by the real schemas.
     """
-    import kubernetes_validate
     from kubeflow.training.models import KubeflowOrgV1RunPolicy
 
     if job.get("apiVersion") != API_VERSION or job.get("kind") != KIND:
@@ -420,13 +427,7 @@ def validate_job(job: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
             },
             "spec": template["spec"],
         }
-        try:
-            kubernetes_validate.validate(pod, k8s_version, strict=True)
-        except kubernetes_validate.ValidationError as err:
-            path = "/".join(str(p) for p in err.path)
-            raise ValueError(
-                f"{role} pod template is invalid for Kubernetes {k8s_version} at {path}: {err.message}"
-            ) from None
+        check_schema(pod, f"{role} pod template", k8s_version)
         check_pod_values(template["spec"], f"{role} pod template")
 
 
@@ -499,13 +500,4 @@ def build_network_policy(job: dict[str, Any], uid: str) -> dict[str, Any]:
 
 def validate_network_policy(policy: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
     """The policy against Kubernetes' networking.k8s.io/v1 schema (strict: no unknown fields)."""
-    import kubernetes_validate
-
-    try:
-        kubernetes_validate.validate(policy, k8s_version, strict=True)
-    except kubernetes_validate.ValidationError as err:
-        path = "/".join(str(p) for p in err.path)
-        raise ValueError(
-            f"the job's NetworkPolicy is invalid for Kubernetes {k8s_version} at {path}: "
-            f"{err.message}"
-        ) from None
+    check_schema(policy, "the job's NetworkPolicy", k8s_version)

@@ -34,6 +34,7 @@ from visionflow.cluster.pytorchjob import (
     WORKDIR,
     check_cluster_config,
     check_pod_values,
+    check_schema,
     job_metadata,
     pod_template,
     train_command,
@@ -229,8 +230,6 @@ def pod_patch(job: dict[str, Any]) -> dict[str, Any]:
 
 def _validate_pod(job: dict[str, Any], k8s_version: str) -> None:
     """The trainer pod the runtime will make, as far as this job sets it, as a Kubernetes Pod."""
-    import kubernetes_validate
-
     trainer = job["spec"].get("trainer") or {}
     patch = pod_patch(job)
     spec = dict(patch.get("spec") or {})
@@ -263,12 +262,5 @@ def _validate_pod(job: dict[str, Any], k8s_version: str) -> None:
         },
         "spec": {**spec, "containers": [node]},
     }
-    try:
-        kubernetes_validate.validate(pod, k8s_version, strict=True)
-    except kubernetes_validate.ValidationError as err:
-        path = "/".join(str(p) for p in err.path)
-        raise ValueError(
-            f"the TrainJob's trainer pod is invalid for Kubernetes {k8s_version} at {path}: "
-            f"{err.message}"
-        ) from None
+    check_schema(pod, "the TrainJob's trainer pod", k8s_version)
     check_pod_values(pod["spec"], "the TrainJob's trainer pod")
