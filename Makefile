@@ -30,6 +30,9 @@ else
 	$(VENV)/bin/visionflow pipeline run $(ARGS)
 endif
 
+cluster-sim: $(STAMP) ## (root) the Helm release and a run from the UI with defaults, on a cluster simulated here
+	$(PY) -m tests.cluster_sim $(ARGS)
+
 compile: $(STAMP) ## compile the pipeline and components: pipelines/, components/ and the Helm chart's files/
 	$(PY) -c 'from pathlib import Path; from visionflow.kfp.compile import compile_all; compile_all(Path.cwd())'
 
@@ -72,4 +75,4 @@ e2e: $(STAMP) ## (after kind-up) a tiny pipeline run on the kind cluster with a 
 clean: ## remove local runs, caches and artifacts (.visionflow); keeps .venv
 	rm -rf .visionflow .pytest_cache
 
-.PHONY: help setup test pipeline-run compile bench mlflow-ui lint images kind-up e2e clean
+.PHONY: help setup test pipeline-run cluster-sim compile bench mlflow-ui lint images kind-up e2e clean

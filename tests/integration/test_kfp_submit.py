@@ -222,8 +222,13 @@ def test_the_uploaded_package_carries_no_credential(fake, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(
-    "override", ["storage=minio", "tracking.uri=http://elsewhere:5000", "run_id=../x",
-                 "optim.optimizer._target_=os.system"],  # fmt: skip
+    "override",
+    [
+        "storage=minio",
+        "tracking.uri=http://elsewhere:5000",
+        "run_id=../x",
+        "optim.optimizer._target_=os.system",
+    ],  # fmt: skip
 )
 def test_submit_refuses_what_the_cluster_would_refuse_before_uploading(fake, override, capsys):
     """Where artifacts and runs go is the release's (its mounted config); a run may not say."""

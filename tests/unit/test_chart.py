@@ -37,11 +37,15 @@ K8S_VERSION = "1.30.0"
 COMPONENTS = ("configure", "prepare", "train", "evaluate", "export", "quantize", "register")
 PIPELINE_FILE = CHART / "files" / "pipeline" / "training.yaml"
 REGENERATE = "regenerate it with `make compile`"
-# What visionflow's PyTorchJob launcher uses, and nothing more.
+# What visionflow's launcher uses, and nothing more (test_rbac_is_exactly_what_the_launcher_uses).
+JOB_VERBS = ("create", "get", "list", "watch", "delete")
 LAUNCHER_RULES = (
-    {("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")}
+    {("kubeflow.org", "pytorchjobs", v) for v in JOB_VERBS}
+    | {("trainer.kubeflow.org", "trainjobs", v) for v in JOB_VERBS}
+    | {("networking.k8s.io", "networkpolicies", v) for v in ("create", "get", "delete")}
     | {("", "pods", v) for v in ("get", "list", "watch")}
     | {("", "pods/log", "get")}
+    | {("", "events", "list")}
 )
 # Kinds kubernetes-validate has no schema for (custom resources), each with the check used instead.
 # The chart renders none; a new one fails test_manifests_are_valid_kubernetes until added here.
@@ -273,6 +277,9 @@ def test_rbac_is_exactly_what_the_launcher_uses(case, rendered):
         for v in rule["verbs"]
     }
     assert rules == LAUNCHER_RULES
+    from visionflow.cluster.launcher import ROLE_RULES  # what a 403's message asks for
+
+    assert rules == {(g, r, v) for g, r, verbs in ROLE_RULES for v in verbs}
     assert all(
         set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"]
     )  # no resourceNames etc.
@@ -415,13 +422,22 @@ def test_compiled_files_are_current(tmp_path):
 
 
 def test_compiled_pipeline_agrees_with_the_chart():
+    """The compiled pipeline names the objects of a release called `visionflow` with the
+    default Secret and keys, and the chart's images."""
     import visionflow
+    from visionflow.kfp import pipeline
 
     spec, platform = yaml.safe_load_all(PIPELINE_FILE.read_text())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {visionflow.CPU_IMAGE, visionflow.TRAIN_IMAGE}
+    assert images == {visionflow.CPU_IMAGE}
     assert chart_metadata()["appVersion"] == visionflow.__version__
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["minio"]
+    docs = documents(render({}, name="visionflow"))
+    assert find(docs, "ConfigMap", "-env")["metadata"]["name"] == pipeline.ENV_CONFIG_MAP
+    assert find(docs, "ConfigMap", "-config")["metadata"]["name"] == pipeline.SITE_CONFIG_MAP
+    env = find(docs, "ConfigMap", "-env")["data"]
+    assert env["VISIONFLOW_SITE_CONFIG"] == f"{pipeline.SITE_MOUNT}/cluster.yaml"
+    assert set(env) == {*pipeline.ENV_KEYS} | ({*pipeline.ENV_OPTIONAL_KEYS} & set(env))
     for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
         for ref in executor.get("secretAsEnv", []):
             assert ref["secretName"] == defaults["existingSecret"]
@@ -432,14 +448,44 @@ def test_compiled_pipeline_agrees_with_the_chart():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_kfp_configmap_ships_the_compiled_files_verbatim(case, rendered):
-    data = find(documents(rendered[case]), "ConfigMap", "-kfp")["data"]
+def test_kfp_configmap_ships_the_compiled_files_with_the_releases_names(case, rendered):
+    """The shipped pipeline is the compiled one with only the release's ConfigMap names, Secret
+    name and Secret keys in place of the compiled defaults; the components are verbatim."""
+    docs = documents(rendered[case])
+    data = find(docs, "ConfigMap", "-kfp")["data"]
     expected = {"pipeline-training.yaml": PIPELINE_FILE} | {
         f"component-{n}.yaml": CHART / "files" / "components" / f"{n}.yaml" for n in COMPONENTS
     }
     assert set(data) == set(expected)
     for key, path in expected.items():
-        assert data[key] == path.read_text(), key
+        if key != "pipeline-training.yaml":
+            assert data[key] == path.read_text(), key
+    minio = {**yaml.safe_load((CHART / "values.yaml").read_text())["minio"],
+             **values_of(case).get("minio", {})}  # fmt: skip
+    own = {
+        "visionflow-env": find(docs, "ConfigMap", "-env")["metadata"]["name"],
+        "visionflow-config": find(docs, "ConfigMap", "-config")["metadata"]["name"],
+        "visionflow-minio": minio["existingSecret"],
+        "AWS_ACCESS_KEY_ID": minio["accessKeyKey"],
+        "AWS_SECRET_ACCESS_KEY": minio["secretKeyKey"],
+    }
+    compiled = PIPELINE_FILE.read_text().splitlines()
+    shipped = data["pipeline-training.yaml"].splitlines()
+    assert len(compiled) == len(shipped)
+    for before, after in zip(compiled, shipped, strict=True):
+        if before != after:
+            field, _, value = before.partition(": ")
+            assert field.strip() in ("configMapName", "secretName", "constant", "secretKey")
+            assert after == f"{field}: {own[value]}", (before, after)
+    spec, platform = yaml.safe_load_all(data["pipeline-training.yaml"])
+    for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        assert {r["configMapName"] for r in executor["configMapAsEnv"]} == {own["visionflow-env"]}
+        assert {r["configMapName"] for r in executor["configMapAsVolume"]} == {
+            own["visionflow-config"]
+        }
+        (secret,) = executor["secretAsEnv"]
+        assert secret["secretName"] == secret["secretNameParameter"]["runtimeValue"]["constant"]
+        assert secret["secretName"] == own["visionflow-minio"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -453,10 +499,8 @@ def test_upload_hook(case, rendered):
         "before-hook-creation",
         "hook-succeeded",
     }
-    assert (
-        notes["visionflow/pipeline-sha256"]
-        == hashlib.sha256(PIPELINE_FILE.read_bytes()).hexdigest()
-    )
+    shipped = find(docs, "ConfigMap", "-kfp")["data"]["pipeline-training.yaml"]
+    assert notes["visionflow/pipeline-sha256"] == hashlib.sha256(shipped.encode()).hexdigest()
     spec = pod_spec(job)
     (c,) = spec["containers"]
     kfp = values.get("kfp", {})
@@ -496,12 +540,14 @@ def test_cluster_config_is_a_valid_visionflow_config(case, rendered, tmp_path, m
     (tmp_path / "site" / "cluster.yaml").write_text(
         find(docs, "ConfigMap", "-config")["data"]["cluster.yaml"]
     )
-    cfg = load_config([f"hydra.searchpath=[file://{tmp_path}]", "+site=cluster"])
+    # As a step pod loads it: the env ConfigMap names the mounted file.
+    monkeypatch.setenv("VISIONFLOW_SITE_CONFIG", str(tmp_path / "site" / "cluster.yaml"))
+    cfg = load_config([])
     env = find(docs, "ConfigMap", "-env")["data"]
     values = values_of(case)
     assert cfg.storage.root == f"s3://{values.get('storage', {}).get('bucket', 'visionflow')}"
     assert cfg.storage.endpoint == env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"]
-    assert cfg.cluster.namespace == NAMESPACE
+    assert cfg.cluster.namespace is None  # the pod's own, from its service-account mount
     assert cfg.cluster.image.startswith("ghcr.io/visionflow/visionflow-train:")
     if "MLFLOW_TRACKING_URI" in env:
         assert cfg.tracking.uri == env["MLFLOW_TRACKING_URI"]

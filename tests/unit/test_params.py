@@ -79,8 +79,14 @@ def test_values_with_commas_brackets_and_quotes_are_literal(value):
 
 def test_site_settings_are_the_operators_and_parameters_cannot_change_them(tmp_path, monkeypatch):
     params, site = split_overrides(
-        ["storage=minio", "storage.root=s3://team", "tracking.uri=http://127.0.0.1:1",
-         "model=resnet18", "run_id=r9", "trainer.max_epochs=1"]  # fmt: skip
+        [
+            "storage=minio",
+            "storage.root=s3://team",
+            "tracking.uri=http://127.0.0.1:1",
+            "model=resnet18",
+            "run_id=r9",
+            "trainer.max_epochs=1",
+        ]  # fmt: skip
     )
     assert params == ["model=resnet18", "trainer.max_epochs=1"]
     path = write_site_config(site, tmp_path / "site" / "local.yaml", workdir=str(tmp_path / "w"))

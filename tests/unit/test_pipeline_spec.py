@@ -3,8 +3,9 @@
 import yaml
 
 from visionflow import __version__
+from visionflow.kfp import pipeline
 from visionflow.kfp.compile import compile_pipeline
-from visionflow.kfp.components import IMAGE, TRAIN_IMAGE
+from visionflow.kfp.components import IMAGE
 from visionflow.kfp.io import configure_overrides
 
 KNOBS = {"data", "data_root", "data_test_root", "model", "max_epochs", "batch_size", "learning_rate",
@@ -21,7 +22,8 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
         params["overrides"]["parameterType"] == "LIST" and params["overrides"]["defaultValue"] == []
     )
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {IMAGE, TRAIN_IMAGE} and all(i.endswith(f":{__version__}") for i in images)
+    # The train step's pod only launches and follows the PyTorchJob: the small CPU image.
+    assert images == {IMAGE} and IMAGE.endswith(f":{__version__}")
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {
         "configure",
@@ -33,12 +35,35 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
         "register",
     }
     assert "compile-time-secret-value" not in text
-    # Credentials come from a Secret, by name, on every step; the train step is never cached.
+    # Every step gets the release's env ConfigMap, its cluster config as a file and the S3
+    # Secret, by name, and has requests, limits and (where it loads data) a memory /dev/shm.
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(executors) == len(tasks)
-    for executor in executors.values():
+    containers = spec["deploymentSpec"]["executors"]
+    for name, executor in executors.items():
         (secret,) = executor["secretAsEnv"]
-        assert secret["secretName"] == "visionflow-minio"
+        assert secret["secretName"] == pipeline.S3_SECRET
+        envs = {k["envVar"] for e in executor["configMapAsEnv"] for k in e["keyToEnv"]}
+        assert envs == {*pipeline.ENV_KEYS, *pipeline.ENV_OPTIONAL_KEYS}
+        (mount,) = executor["configMapAsVolume"]
+        assert (mount["configMapName"], mount["mountPath"]) == (
+            pipeline.SITE_CONFIG_MAP,
+            pipeline.SITE_MOUNT,
+        )
+        step = name.removeprefix("exec-")
+        resources = containers[name]["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest",
+                "resourceMemoryLimit"} <= set(resources), step  # fmt: skip
+        shm = [d for d in executor.get("emptyDirMounts", []) if d["mountPath"] == "/dev/shm"]
+        assert bool(shm) == (step in ("prepare", "evaluate", "export", "quantize")), step
+        assert all(d["medium"] == "Memory" for d in shm)
+    # Only the train step carries the marker that lets cluster.launcher=auto launch a job, and
+    # the downward-API names its job's ownerReference needs.
+    env = {n: containers[n]["container"].get("env", []) for n in containers}
+    assert [n for n, e in env.items() if e] == ["exec-train"]
+    assert env["exec-train"] == [{"name": pipeline.KFP_STEP_MARKER, "value": "train"}]
+    fields = {f["name"]: f["fieldPath"] for f in executors["exec-train"]["fieldPathAsEnv"]}
+    assert fields == {"VISIONFLOW_POD_NAME": "metadata.name", "VISIONFLOW_POD_UID": "metadata.uid"}
     assert "enableCache" not in tasks["train"]["cachingOptions"]
     # KFP retries whatever the cause, so only train (a lost pod resumes) keeps a KFP retry; the
     # other steps retry transient causes in process (visionflow.retry).
@@ -62,8 +87,8 @@ def test_unset_parameters_keep_the_config_and_overrides_come_last():
                  batch_size=64, learning_rate=0.0, min_score=0.0, max_int8_drop=-1.0,
                  registered_model_name="")  # fmt: skip
     overrides, run_id = configure_overrides(knobs, ["trainer.max_epochs=2"], "job-7")
-    assert overrides == ["data=imagefolder", "data.root=/d", "data.batch_size=64", "evaluate.min_score=0.0",
-                         "trainer.max_epochs=2"]  # fmt: skip
+    assert overrides == ["data=imagefolder", "data.root='/d'", "data.batch_size=64",
+                         "evaluate.min_score=0.0", "trainer.max_epochs=2"]  # fmt: skip
     assert run_id == "job-7"
     assert configure_overrides({k: v for k, v in knobs.items() if k != "data"}, [], "")[
         1

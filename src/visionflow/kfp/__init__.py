@@ -4,7 +4,9 @@
 - `pipeline`: the training DAG and how its tasks are wired to the cluster (kfp-kubernetes).
 - `compile`: the YAML that `make compile` writes (pipelines/, components/, the chart's files/).
 - `io`: what components share: the config from the pipeline's parameters, artifact pointers.
+- `params`: what a run's parameters may say (the allow-list configure and submit check).
 - `reports`: what the Kubeflow UI shows for each step.
 - `local`: the whole pipeline on this machine with kfp.local.
 - `submit`: upload to and run on a Kubeflow Pipelines server.
+- `sweep`: one run per combination of Hydra sweep overrides (`pipeline run|submit -m`).
 """

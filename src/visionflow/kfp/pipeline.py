@@ -14,24 +14,59 @@ from visionflow.kfp.components.quantize import quantize
 from visionflow.kfp.components.register import register
 from visionflow.kfp.components.train import train
 
-# Kubernetes settings: used on a cluster, ignored by kfp.local. Secrets are referenced by name;
-# no credential is ever part of the compiled pipeline.
-S3_SECRET = "visionflow-minio"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (the chart's)
+# Kubernetes settings: used on a cluster, ignored by kfp.local. Everything a step needs from
+# the cluster comes from the release (charts/visionflow): its env ConfigMap, its cluster config
+# (a Hydra file that says where artifacts and runs go) and its S3 Secret, referenced by name; no
+# credential is ever part of the compiled pipeline. The names below are those of a release named
+# `visionflow` with the default Secret; the copy of this pipeline that a release ships and
+# uploads names its own (templates/configmap-kfp.yaml), so a run started in the Kubeflow UI with
+# the default parameters uses that release's MinIO, MLflow and Secret.
+ENV_CONFIG_MAP = "visionflow-env"
+ENV_KEYS = ("VISIONFLOW_SITE_CONFIG", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+ENV_OPTIONAL_KEYS = ("MLFLOW_TRACKING_URI",)  # absent when the release names no MLflow
+SITE_CONFIG_MAP = "visionflow-config"
+SITE_MOUNT = "/var/run/visionflow/site"  # VISIONFLOW_SITE_CONFIG: <SITE_MOUNT>/cluster.yaml
+S3_SECRET = "visionflow-minio"
 S3_SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
 }
+# Requests and limits per step pod (CPU, memory), and a memory-backed /dev/shm for the steps
+# that load data with DataLoader workers. The train step's pod only launches and follows the
+# PyTorchJob (whose pods get cluster.* resources and GPUs), so it is small.
+RESOURCES = {
+    "configure": ("1", "2Gi", None),
+    "prepare": ("4", "16Gi", "2Gi"),
+    "train": ("1", "2Gi", None),
+    "evaluate": ("4", "16Gi", "2Gi"),
+    "export": ("2", "8Gi", "2Gi"),
+    "quantize": ("4", "16Gi", "2Gi"),
+    "register": ("1", "4Gi", None),
+}
+# Set on the train task only: `cluster.launcher=auto` launches a PyTorchJob only inside a step
+# of this pipeline running in Kubernetes (visionflow.cluster.training.use_pytorchjob).
+KFP_STEP_MARKER = "VISIONFLOW_KFP_STEP"
 
 
-def on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """S3 credentials from the Secret.
+def on_cluster(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
+    """The release's configuration, the S3 credentials, resources and /dev/shm for one step.
 
     No KFP retries here: KFP v2 retries a task whatever made it fail, so a failed gate or bad
     input would run again to the same end. Each component retries its step in process for
     transient causes only (visionflow.retry: network, MinIO, MLflow); only train keeps a KFP
     retry, for a lost pod.
     """
+    kubernetes.use_config_map_as_env(task, ENV_CONFIG_MAP, {k: k for k in ENV_KEYS})
+    kubernetes.use_config_map_as_env(
+        task, ENV_CONFIG_MAP, {k: k for k in ENV_OPTIONAL_KEYS}, optional=True
+    )
+    kubernetes.use_config_map_as_volume(task, SITE_CONFIG_MAP, SITE_MOUNT)
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
+    cpu, memory, shm = RESOURCES[step]
+    task.set_cpu_request(str(float(cpu) / 4)).set_cpu_limit(cpu)
+    task.set_memory_request(memory).set_memory_limit(memory)
+    if shm:
+        kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=shm)
     return task
 
 
@@ -69,7 +104,11 @@ def training_pipeline(
     # service account (the chart's, allowed to manage PyTorchJobs). Its one KFP retry (for a lost
     # pod) resumes from the last checkpoint. Never cached: a rerun must train, even with the same
     # inputs.
-    on_cluster(train_task)
+    on_cluster(train_task, "train")
+    train_task.set_env_variable(KFP_STEP_MARKER, "train")
+    # The job's pods name the step's pod as their owner: deleting the run deletes the job.
+    kubernetes.use_field_path_as_env(train_task, "VISIONFLOW_POD_NAME", "metadata.name")
+    kubernetes.use_field_path_as_env(train_task, "VISIONFLOW_POD_UID", "metadata.uid")
     train_task.set_retry(num_retries=1, backoff_duration="10s")
     train_task.set_caching_options(enable_caching=False)
     model_ckpt = train_task.outputs["model"]
@@ -84,6 +123,13 @@ def training_pipeline(
         int8=quant_task.outputs["int8"],
         gate_passed=eval_task.outputs["gate_passed"],
     )
-    for task in (cfg, data_task, eval_task, export_task, quant_task, reg_task):
-        on_cluster(task)
+    for step, task in (
+        ("configure", cfg),
+        ("prepare", data_task),
+        ("evaluate", eval_task),
+        ("export", export_task),
+        ("quantize", quant_task),
+        ("register", reg_task),
+    ):
+        on_cluster(task, step)  # fmt: skip
     return reg_task.outputs["Output"]

@@ -1,10 +1,10 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from visionflow.kfp.components import TRAIN_IMAGE
+from visionflow.kfp.components import IMAGE
 
 
-@dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(
     overrides: list,
     run_id: str,
