@@ -21,19 +21,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 POD_VIEW = "/run/vf-pod"
 
 _SCRIPT = r"""
-pod=$1; hide=$2; shm=$3; shift 3
+pod=$1; hide=$2; shm=$3; keep=$4; shift 4
 mount -t tmpfs -o mode=0755,size=64m vf-run /run
 cp -a "$pod/files/run/." /run/
 mkdir -p /run/vf-pod
 mount --bind "$pod" /run/vf-pod
+# The pod's own /tmp; the code it runs stays visible where it lives under /tmp (a checkout).
+i=0; IFS=:; for k in $keep; do
+  case "$k" in /tmp/*) mkdir -p "/run/vf-keep/$i"; mount --bind "$k" "/run/vf-keep/$i" ;; esac
+  i=$((i+1)); done; unset IFS
 mount --bind "$pod/tmp" /tmp
+i=0; IFS=:; for k in $keep; do
+  case "$k" in /tmp/*) mkdir -p "$k"; mount --bind "/run/vf-keep/$i" "$k" ;; esac
+  i=$((i+1)); done; unset IFS
 if [ -n "$shm" ]; then mount -t tmpfs -o "size=$shm" vf-shm /dev/shm; fi
-mount -t tmpfs -o size=1m,mode=0555 vf-hidden "$hide"
+if [ -d "$hide" ]; then mount -t tmpfs -o size=1m,mode=0555 vf-hidden "$hide"; fi
 # Everything else read-only (each mount point, deepest last so none is skipped).
 awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
   case "$m" in
@@ -44,6 +52,8 @@ done
 cd /run/vf-pod/work
 exec "$@"
 """
+# What a pod runs: this checkout (configs, tests.cluster_sim) and the interpreter's environment.
+CODE = (str(Path(__file__).resolve().parents[2]), sys.prefix)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -83,7 +93,7 @@ def wrap(pod_dir: Path, argv: list[str], *, hide: Path, shm_size: str | None = N
     """The command that runs `argv` as the pod at `pod_dir` (see the module docstring)."""
     shm = str(quantity_bytes(shm_size)) if shm_size else ""
     return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", _SCRIPT,
-            "sh", str(pod_dir), str(hide), shm, *argv]  # fmt: skip
+            "sh", str(pod_dir), str(hide), shm, ":".join(CODE), *argv]  # fmt: skip
 
 
 _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
