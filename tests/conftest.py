@@ -20,10 +20,12 @@ TINY = ["experiment=shapes_tiny"]
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_tracking_uri(monkeypatch):
+def _no_leftover_tracking_uri():
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which `tracking=server` reads:
-    one test's store must not become the next test's server."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    one test's store must not become the next test's (or the next module's fixtures') server."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def tiny_overrides(workdir: Path, *more: str) -> list[str]:

@@ -90,9 +90,22 @@ def test_a_run_from_the_ui_with_default_parameters(sim, ui_run):
     assert summary["isolation"]["writes_outside_own_dir_refused"]
     assert summary["isolation"]["rendezvous_port"]["outsider"] == "refused"
     assert summary["isolation"]["steps"] == 7
-    keys = sim.s3.keys(sim.bucket)
-    for prefix in ("datasets/", "checkpoints/", "runs/", "mlflow/"):
-        assert any(k.startswith(prefix) for k in keys), prefix
+    keys, run = sim.s3.keys(sim.bucket), summary["visionflow_run_id"]
+    for key in (f"checkpoints/{run}/best.ckpt", f"checkpoints/{run}/last.ckpt",
+                f"models/{run}/model.onnx", f"models/{run}/model.torchscript.pt",
+                f"runs/{run}/register.json", f"datasets/{summary['dataset_id']}/manifest.json"):  # fmt: skip
+        assert key in keys, key
+    assert summary["artifacts"]["onnx"] == f"s3://{sim.bucket}/models/{run}/model.onnx"
+    # MLflow's own artifacts (the registered model's files) went through the server to S3.
+    assert any(k.startswith("mlflow/") and k.endswith("model.onnx") for k in keys)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=sim.tracking)
+    assert client.get_run(summary["run_id"]).data.metrics["test/acc"] == pytest.approx(
+        summary["test_accuracy"]
+    )
+    version = client.get_model_version(summary["model_name"], str(summary["model_version"]))
+    assert version.tags["dataset_manifest"] == summary["dataset_id"]
     # The job went with its owner, the train step's pod, when that pod ended.
     assert {"kind": "PyTorchJob", "namespace": "ml-team", "name": summary["pytorchjob"],
             "by": "gc"} in sim.api.collected  # fmt: skip

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 
 import kfp
-import mlflow
 import pytest
 
-from tests.conftest import TINY
-from tests.integration.conftest import visionflow
 from tests.integration.fake_kfp import FakeKFP
-from visionflow import cli, tracking
+from visionflow import cli
 
 
 @pytest.fixture
@@ -56,31 +53,3 @@ def test_submit_m_with_a_bad_combination_sends_nothing(fake, capsys):
     assert code == cli.EXIT_CONFIG
     assert "model=nope" in capsys.readouterr().err
     assert fake.requests == []
-
-
-@pytest.mark.slow
-def test_run_m_runs_each_combination_reports_a_failure_and_groups_them_in_mlflow(tmp_path):
-    """Two runs, the first failing in prepare (an empty test split), the second to the end."""
-    proc = visionflow("pipeline", "run", "-m", *TINY, f"workdir={tmp_path}",
-                      "data.test_fraction=0,0.1", "sweep.id=tiny")  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (first["sweep_run"], first["status"]) == ("tiny-1", "failed")
-    assert "Inner task failed: 'prepare'" in first["error"]
-    assert "the test split is empty" in proc.stdout  # prepare's own log (kfp.local's) says why
-    assert (second["sweep_run"], second["status"]) == ("tiny-2", "succeeded")
-    assert second["sweep_values"] == {"data.test_fraction": "0.1"}
-    assert second["visionflow_run_id"] == "tiny-2" and second["model_version"] == 1
-    table = proc.stderr[proc.stderr.index("sweep tiny: 2 of 2 runs, 1 failed") :].splitlines()
-    assert table[1].split() == ["run", "data.test_fraction", "metric", "version", "champion",
-                                "status"]  # fmt: skip
-    assert table[2].split()[:3] == ["tiny-1", "0", "-"] and "failed:" in table[2]
-    assert table[3].split()[:3] == ["tiny-2", "0.1", "accuracy"]
-    assert table[3].split()[-3:] == ["1", "yes", "ok"]
-
-    client = mlflow.MlflowClient(tracking_uri=second["tracking_uri"])
-    child = client.get_run(second["run_id"])
-    parent = client.get_run(child.data.tags[tracking.PARENT_TAG])
-    assert child.data.tags[tracking.SWEEP_TAG] == "tiny" and parent.info.run_name == "tiny"
-    assert parent.data.tags[tracking.SWEEP_TAG] == "tiny"
-    assert parent.info.experiment_id == child.info.experiment_id
