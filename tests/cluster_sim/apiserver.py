@@ -1378,6 +1378,18 @@ class FakeKubernetes:
                 return self.list_events(m.group(1), query) if method == "GET" else (405, {})
         return 404, "404 page not found\n"
 
+    def authorize(self, method: str, plural: str, ns: str, name: str | None, group: str = ""):
+        """(verb, None), or (verb, the 405 or 403 answer) for a collection or one object."""
+        verb = {"GET": "get" if name else "list", "POST": "create", "DELETE": "delete"}.get(method)
+        if verb is None or (verb == "create" and name):
+            return verb, (405, status(
+                405, "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            ))  # fmt: skip
+        if (verb, plural) in self.forbid:
+            return verb, self.forbidden(verb, plural, ns, name, group)
+        return verb, None
+
     def pytorchjobs(self, method: str, ns: str, name: str | None, query: dict, body: bytes):
         return self.jobs_api(api.PYTORCHJOB, method, ns, name, query, body)
 
@@ -1387,15 +1399,9 @@ class FakeKubernetes:
         group, version, kind_name, plural = kind
         table = self.trainjobs if kind_name == "TrainJob" else self.jobs
         details = {"group": group, "kind": plural}
-        verb = {"GET": "get" if name else "list", "POST": "create", "DELETE": "delete"}.get(method)
-        if verb is None or (verb == "create" and name):
-            return 405, status(
-                405,
-                "MethodNotAllowed",
-                "the server does not allow this method on the requested resource",
-            )
-        if (verb, plural) in self.forbid:
-            return self.forbidden(verb, plural, ns, name, group)
+        verb, refusal = self.authorize(method, plural, ns, name, group)
+        if refusal:
+            return refusal
         with self.cond:
             if verb == "list":
                 items = [j.to_json() for (n, _), j in table.items() if n == ns]
@@ -1504,15 +1510,9 @@ class FakeKubernetes:
 
     def networkpolicies(self, method: str, ns: str, name: str | None, query: dict, body: bytes):
         group, plural = "networking.k8s.io", "networkpolicies"
-        verb = {"GET": "get" if name else "list", "POST": "create", "DELETE": "delete"}.get(method)
-        if verb is None or (verb == "create" and name):
-            return 405, status(
-                405,
-                "MethodNotAllowed",
-                "the server does not allow this method on the requested resource",
-            )
-        if (verb, plural) in self.forbid:
-            return self.forbidden(verb, plural, ns, name, group)
+        verb, refusal = self.authorize(method, plural, ns, name, group)
+        if refusal:
+            return refusal
         with self.cond:
             if verb == "list":
                 selector = (query.get("labelSelector") or [""])[0]
