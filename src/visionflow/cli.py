@@ -5,6 +5,10 @@ visionflow <step> [key=value ...]      run one step: prepare, train, evaluate, e
 visionflow pipeline run [key=value ...] the whole pipeline on this machine (kfp.local)
 visionflow pipeline run|submit -m key=a,b ...  a sweep: one run per combination
 visionflow pipeline compile [-o FILE]  write the compiled pipeline YAML
+visionflow serve MODEL [key=value ...]  the HTTP service (MODEL: name, name@alias, name/version)
+visionflow promote NAME VERSION [--alias A]  move an alias under register's rules
+visionflow predict predict.model=M predict.input=DIR|s3://... [key=value ...]
+                                       batch inference into Parquet
 visionflow list models|datamodules|transforms|callbacks [PATTERN]
 visionflow config [key=value ...]      print the resolved config
 """
@@ -96,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     pu.add_argument("--namespace")
     pc = pipe_sub.add_parser("compile", help="write the compiled pipeline YAML")
     pc.add_argument("-o", "--output", default="pipelines/training.yaml")
+    sv = sub.add_parser("serve", help="serve registered model versions over HTTP (FastAPI)")
+    sv.add_argument("model", metavar="MODEL", help="name, name@alias or name/version")
+    sv.add_argument("overrides", nargs="*", metavar="key=value")
+    pm = sub.add_parser("promote", help="move an alias to a version, under register's rules")
+    pm.add_argument("name")
+    pm.add_argument("version", type=int)
+    pm.add_argument("--alias", default="champion")
+    pm.add_argument("overrides", nargs="*", metavar="key=value")
+    pd = sub.add_parser("predict", help="batch inference: images in, Parquet predictions out")
+    pd.add_argument("overrides", nargs="*", metavar="key=value")
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", choices=["models", "datamodules", "transforms", "callbacks"])
     ls.add_argument("pattern", nargs="?", default="*")
@@ -145,6 +159,22 @@ def _dispatch(args) -> int:
         from visionflow.kfp.compile import compile_pipeline
 
         print(f"compiled {compile_pipeline(Path(args.output))}")
+    elif args.command == "serve":
+        from visionflow.serving.app import serve
+
+        serve(args.model, args.overrides)
+    elif args.command == "promote":
+        from visionflow.steps.register import promote
+
+        print(json.dumps(promote(args.name, args.version, args.alias, args.overrides)))
+    elif args.command == "predict":
+        import dataclasses
+
+        from visionflow.core.config import load_config
+        from visionflow.steps.predict import predict
+
+        cfg = load_config(args.overrides)  # its own run: rerun with its run_id=... to resume
+        print(json.dumps({"run_id": cfg.run_id, **dataclasses.asdict(predict(cfg))}, default=str))
     elif args.command == "list":
         from visionflow.core import factories, registry  # noqa: F401  (fills the registries)
 

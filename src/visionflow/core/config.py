@@ -178,6 +178,44 @@ class ClusterConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`visionflow serve`: the HTTP service over registered versions (serving/app.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    variant: str = "auto"  # auto (int8 only where timed faster here at start) | fp32 | int8
+    threads: int | None = None  # ONNX Runtime intra-op threads per version (None: the cores)
+    max_batch_size: int = 32  # images coalesced into one model call
+    max_delay_ms: float = 2.0  # how long the first image of a batch waits for company
+    queue_size: int = 512  # images waiting per version; past it, 503 with Retry-After
+    timeout_s: float = 10.0  # a request not answered by then gets 504
+    refresh_s: float = 30.0  # aliases are resolved again this often (0: only at start)
+    # Traffic by alias and weight, e.g. {champion: 0.9, challenger: 0.1}; sticky per
+    # X-Visionflow-Key. None: everything to MODEL's version.
+    split: dict[str, float] | None = None
+    shadow: str | None = None  # an alias that gets a copy of each request; answers are MODEL's
+    max_versions: int = 4  # versions named by number kept loaded (least recently used go)
+    top_k: int = 5  # classification: labels per image in /v1 answers
+    max_body_mb: float = 64.0  # as Triton's default; larger bodies get 413 unread
+    max_pixels: int = 40_000_000  # per image, checked before decoding (decompression bombs)
+    max_images: int = 64  # files per /v1 request
+
+
+@dataclass
+class PredictConfig:
+    """`visionflow predict`: batch inference into Parquet (steps/predict.py)."""
+
+    model: str = ""  # name@alias, name/version or name
+    input: str = ""  # a local directory or an s3:// prefix of images (searched recursively)
+    output: str | None = None  # default: predictions/<run_id>/ in the artifact store
+    shard_size: int = 1000  # images per Parquet file; a finished shard is never redone
+    batch_size: int = 64
+    top_k: int = 5
+    max_bad_fraction: float = 0.05  # undecodable images past this share fail the step
+    variant: str = "auto"  # as serve.variant
+
+
+@dataclass
 class SweepConfig:
     """The sweep a run belongs to (`visionflow pipeline run|submit -m`); set by the sweep."""
 
@@ -201,6 +239,8 @@ class Config:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     run_id: str | None = None
     seed: int = 42
     workdir: str = ".visionflow"

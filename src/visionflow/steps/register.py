@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from visionflow import tracking
 from visionflow.core.factories import build_datamodule
@@ -133,6 +134,8 @@ def register(
                     "variant": quantized["serve_variant"] if "onnx_int8" in files else "fp32",
                     "classes": list(classes),
                     "image_size": image_size,
+                    # the evaluation transform: serving preprocesses as evaluate did
+                    "preprocess": OmegaConf.to_container(cfg.transforms.eval, resolve=True),
                 },
                 signature=infer_signature(example, output),
                 pip_requirements=["onnxruntime", "numpy"],

@@ -26,7 +26,6 @@ Limits:
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -42,6 +41,7 @@ from PIL import Image
 from visionflow.core.config import ConfigError
 from visionflow.vision.data.resumable import EpochOrder, ResumableBatches, seed_for
 from visionflow.vision.data.shards import ShardDataset
+from visionflow.vision.images import decode_image
 
 log = logging.getLogger("visionflow.data")
 
@@ -121,7 +121,7 @@ def decode_shards(shards: list[Path], image_size: int) -> tuple[torch.Tensor, to
     started = time.monotonic()
     with _ShardReader(data) as read:
         for i, entry in enumerate(data.entries):
-            image = Image.open(io.BytesIO(read(entry))).convert("RGB")
+            image = decode_image(read(entry))
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             images[i] = np.asarray(image)

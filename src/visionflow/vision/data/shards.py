@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from visionflow.storage import ArtifactStore, StorageError, sha256_file
+from visionflow.vision.images import decode_image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 MANIFEST = "manifest.json"
@@ -122,7 +123,7 @@ class ShardDataset:
 
     def __getitem__(self, idx: int):
         e = self.entries[idx]
-        image = Image.open(io.BytesIO(self._read(e.shard, (e.offset, e.size)))).convert("RGB")
+        image = decode_image(self._read(e.shard, (e.offset, e.size)))
         if self.task == "classification":
             return (self.transform(image) if self.transform else image), e.label
         if self.task == "detection":

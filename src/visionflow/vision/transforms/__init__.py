@@ -326,8 +326,12 @@ def build_transform(
     image_size: int,
     where: str,
     task: str = "classification",
+    images_only: bool = False,
 ) -> Callable:
-    """One callable for a list of named steps; bad names, parameters or tasks raise ConfigError."""
+    """One callable for a list of named steps; bad names, parameters or tasks raise ConfigError.
+
+    `images_only`: the callable takes an image alone, as serving gives it (detection's final
+    SanitizeBoundingBoxes needs boxes, so it is left out)."""
     if task not in TASKS:
         raise ConfigError(f"{where}: unknown task {task!r}; one of {list(TASKS)}")
     on_uint8: list[Callable] = []
@@ -348,6 +352,6 @@ def build_transform(
             raise ConfigError(f"{at} ({name}): {err}") from None
         (on_float if factory.on_float else on_uint8).append(op)
     ops = [v2.ToImage(), *on_uint8, v2.ToDtype(torch.float32, scale=True), *on_float]
-    if task == "detection":
+    if task == "detection" and not images_only:
         ops.append(v2.SanitizeBoundingBoxes())
     return v2.Compose(ops)
