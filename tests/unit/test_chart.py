@@ -9,6 +9,7 @@ networkx, ... below requirements.lock), so it is a separate executable: $CHECKOV
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import importlib
@@ -111,6 +112,8 @@ def test_ci_values_cover_the_defaults_and_everything_enabled():
     assert {"default-values", "all-enabled-values"} <= set(CASES)
     everything = values_of("all-enabled-values")
     assert everything["minio"]["enabled"] and everything["mlflow"]["enabled"]
+    # The serving objects go through every per-case check (lint, schemas, pod security, checkov).
+    assert everything["serving"]["enabled"]
     assert (
         everything["networkPolicy"]["enabled"] and everything["rbac"]["bindKubeflowPipelinesEdit"]
     )
@@ -195,7 +198,11 @@ def test_schema_and_templates_refuse_bad_values():
 def test_names_stay_within_63_characters():
     docs = documents(
         render(
-            {"mlflow": {"enabled": True, "existingSecret": "db"}, "minio": {"enabled": True}},
+            {
+                "mlflow": {"enabled": True, "existingSecret": "db"},
+                "minio": {"enabled": True},
+                "serving": {"enabled": True},
+            },
             name="r" * 53,
         )
     )
@@ -616,7 +623,7 @@ def test_network_policies():
         for d in docs
         if d["kind"] == "NetworkPolicy"
     }
-    assert set(policies) == {"default-deny", "mlflow", "minio"}
+    assert set(policies) == {"default-deny", "mlflow", "minio", "serving"}
     deny = policies["default-deny"]
     assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
     for doc in docs:
@@ -649,5 +656,407 @@ def test_helm_test_pod_checks_each_service():
     assert urls == [
         f"http://{RELEASE}-mlflow.{NAMESPACE}:5000/health",
         f"http://{RELEASE}-minio.{NAMESPACE}:9000/minio/health/live",
+        f"http://{RELEASE}-serving.{NAMESPACE}:80/v2/health/ready",
         "http://ml-pipeline.kubeflow:8888/apis/v2beta1/healthz",
     ]
+
+
+# - serving ---------------------------------------------------------------------------------------
+
+SERVING_KINDS = {
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+}
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """base with extra merged in, key by key (as Helm merges values files)."""
+    out = json.loads(json.dumps(base))
+    for key, value in extra.items():
+        out[key] = (
+            merged(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def with_serving(case: str, **serving) -> dict:
+    return merged(values_of(case), {"serving": {"enabled": True, **serving}})
+
+
+def serving_docs(docs: list[dict]) -> list[dict]:
+    return [
+        d
+        for d in docs
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "serving"
+    ]
+
+
+def serving_container(docs: list[dict]) -> tuple[dict, dict]:
+    spec = pod_spec(find(docs, "Deployment", "-serving"))
+    (c,) = spec["containers"]
+    return spec, c
+
+
+def chart_values(values: dict) -> dict:
+    """values.yaml with `values` merged over it: what the templates see."""
+    return merged(yaml.safe_load((CHART / "values.yaml").read_text()), values)
+
+
+def test_serving_renders_five_objects_and_nothing_else_changes():
+    values = values_of("all-enabled-values")
+    docs = documents(render(values))
+    objects = serving_docs(docs)
+    assert sorted(d["kind"] for d in objects) == sorted(SERVING_KINDS)
+    assert {d["metadata"]["name"] for d in objects} == {f"{RELEASE}-serving"}
+    assert all(d["metadata"]["namespace"] == NAMESPACE for d in objects)
+    deployment = find(docs, "Deployment", "-serving")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"], labels)
+    assert find(docs, "Service", "-serving")["spec"]["selector"] == labels
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        selector = find(docs, kind, "-serving")["spec"][
+            "selector" if kind == "PodDisruptionBudget" else "podSelector"
+        ]
+        assert selects(selector, labels), kind
+        for other in ("mlflow", "minio"):  # only the serving pods
+            pod = find(docs, "Deployment", f"-{other}")["spec"]["template"]["metadata"]["labels"]
+            assert not selects(selector, pod), (kind, other)
+    # The autoscaler owns the replica count.
+    hpa = find(docs, "HorizontalPodAutoscaler", "-serving")["spec"]
+    scaling = values["serving"]["autoscaling"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (
+        scaling["minReplicas"],
+        scaling["maxReplicas"],
+    )
+    (metric,) = hpa["metrics"]
+    assert metric["resource"] == {
+        "name": "cpu",
+        "target": {
+            "type": "Utilization",
+            "averageUtilization": scaling["targetCPUUtilizationPercentage"],
+        },
+    }
+    assert "replicas" not in deployment["spec"]
+    assert (
+        find(docs, "PodDisruptionBudget", "-serving")["spec"]["minAvailable"]
+        == values["serving"]["pdb"]["minAvailable"]
+    )
+    # Off, the same values render the same objects less these five and the helm test's URL.
+    off = documents(render(merged(values, {"serving": {"enabled": False}})))
+    assert not serving_docs(off)
+
+    def rest(ds):
+        return [d for d in ds if d not in objects and d["kind"] != "Pod"]
+
+    assert rest(docs) == rest(off)
+    test_pod = find(docs, "Pod", "-test-health")["spec"]["containers"][0]["command"]
+    assert [u for u in test_pod if "-serving." not in u] == (
+        find(off, "Pod", "-test-health")["spec"]["containers"][0]["command"]
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_serving_renders_only_when_enabled(case, rendered):
+    enabled = values_of(case).get("serving", {}).get("enabled", False)
+    objects = serving_docs(documents(rendered[case]))
+    assert sorted(d["kind"] for d in objects) == (sorted(SERVING_KINDS) if enabled else [])
+    notes = rendered[case][f"{CHART.name}/templates/NOTES.txt"]
+    assert ("Serving:" in notes) == enabled
+
+
+def test_serving_without_autoscaling_has_fixed_replicas():
+    docs = documents(render(with_serving("defaults", replicas=3, autoscaling={"enabled": False})))
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert find(docs, "Deployment", "-serving")["spec"]["replicas"] == 3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_serving_pods_get_the_pipeline_steps_configmaps_and_secret(case):
+    """The container gets the env ConfigMap, the site-config mount and the Secret's keys that
+    each step of the pipeline this release ships gets, and nothing else of the kind."""
+    docs = documents(render(with_serving(case)))
+    spec, c = serving_container(docs)
+    shipped = find(docs, "ConfigMap", "-kfp")["data"]["pipeline-training.yaml"]
+    _, platform = yaml.safe_load_all(shipped)
+    executors = list(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())
+    assert executors
+    env_maps = {r["configMapName"] for e in executors for r in e["configMapAsEnv"]}
+    mounts = {
+        (r["configMapName"], r["mountPath"]) for e in executors for r in e["configMapAsVolume"]
+    }
+    secrets = {
+        (r["secretName"], k["secretKey"], k["envVar"])
+        for e in executors
+        for r in e["secretAsEnv"]
+        for k in r["keyToEnv"]
+    }
+    step_keys = {  # configMapKey -> (envVar, optional)
+        k["configMapKey"]: (k["envVar"], r.get("optional", False))
+        for e in executors
+        for r in e["configMapAsEnv"]
+        for k in r["keyToEnv"]
+    }
+    # Every step gets the same; one of each, and the names are the release's own.
+    (env_map,) = env_maps
+    (mount,) = mounts
+    assert env_map == find(docs, "ConfigMap", "-env")["metadata"]["name"]
+    assert mount[0] == find(docs, "ConfigMap", "-config")["metadata"]["name"]
+    assert {s for s, _, _ in secrets} == {chart_values(values_of(case))["minio"]["existingSecret"]}
+    # The env ConfigMap, whole: the same variables as a step's, which maps each key it holds (its
+    # optional ones where present) to a variable of the key's name.
+    assert c["envFrom"] == [{"configMapRef": {"name": env_map}}]
+    env_data = find(docs, "ConfigMap", "-env")["data"]
+    assert all(key == var for key, (var, _) in step_keys.items())
+    assert set(env_data) <= set(step_keys)
+    assert {k for k, (_, optional) in step_keys.items() if not optional} <= set(env_data)
+    # The site config, where the env ConfigMap says it is.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config_mounts = {
+        (volumes[m["name"]]["configMap"]["name"], m["mountPath"])
+        for m in c["volumeMounts"]
+        if "configMap" in volumes[m["name"]]
+    }
+    assert config_mounts == mounts
+    assert os.path.dirname(env_data["VISIONFLOW_SITE_CONFIG"]) == mount[1]
+    # The Secret's keys, under the names the steps give them; no other Secret, no other ref.
+    refs = {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"], e["name"])
+        for e in c["env"]
+        if "valueFrom" in e
+    }
+    assert refs == secrets
+    assert all("secretKeyRef" in e["valueFrom"] for e in c["env"] if "valueFrom" in e)
+    # The chart's CPU image: the upload hook's, and in a default release the steps' own.
+    assert c["image"] == pod_spec(find(docs, "Job", "-pipeline-upload"))["containers"][0]["image"]
+    if case == "defaults":
+        spec_doc = next(yaml.safe_load_all(shipped))
+        images = {e["container"]["image"] for e in spec_doc["deploymentSpec"]["executors"].values()}
+        assert images == {c["image"]}
+
+
+def serve_args(c: dict) -> list[str]:
+    cmd = c["command"]
+    assert cmd[:2] == ["visionflow", "serve"]
+    return cmd[3:]
+
+
+@pytest.mark.parametrize(
+    ("serving", "threads"),
+    [
+        ({}, 2),  # the default CPU limit, "2"
+        ({"port": 9090, "model": "shapes/3", "serve": {"variant": "fp32", "refresh_s": 0}}, 2),
+        ({"resources": {"limits": {"cpu": "1500m"}}, "serve": {"shadow": "challenger"}}, 1),
+        ({"resources": {"limits": {"cpu": "250m"}}}, 1),
+        ({"resources": {"limits": {"cpu": 4}}, "serve": {"max_pixels": 40_000_000}}, 4),
+        ({"resources": {"limits": {"cpu": "8"}}, "serve": {"threads": 3, "top_k": 1}}, 3),
+    ],
+)
+def test_serving_command_and_probes(serving, threads, tmp_path, monkeypatch):
+    values = with_serving("defaults", **serving)
+    settings = chart_values(values)["serving"]
+    docs = documents(render(values))
+    _, c = serving_container(docs)
+    assert c["command"][:3] == ["visionflow", "serve", settings["model"]]
+    args = serve_args(c)
+    port = settings["port"]
+    extra = {**settings["serve"], "threads": threads}
+    assert args == [
+        "serve.host=0.0.0.0",
+        f"serve.port={port}",
+        *(f"serve.{k}={extra[k]}" for k in sorted(extra)),
+    ]
+    # They are visionflow's own serve settings: the config composes them, or fails on a bad key.
+    from visionflow.core.config import load_config
+
+    monkeypatch.setenv("VISIONFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("VISIONFLOW_SITE_CONFIG", raising=False)
+    serve = load_config(args).serve
+    assert (serve.host, serve.port, serve.threads) == ("0.0.0.0", port, threads)
+    for key, value in settings["serve"].items():
+        assert serve[key] == value, key
+    # The probes hit the service's health routes on the container port.
+    (container_port,) = c["ports"]
+    assert container_port == {"name": "http", "containerPort": port, "protocol": "TCP"}
+    for probe, path in (
+        ("readinessProbe", "/v2/health/ready"),
+        ("livenessProbe", "/v2/health/live"),
+        ("startupProbe", "/v2/health/live"),
+    ):
+        assert c[probe]["httpGet"] in (
+            {"path": path, "port": "http"},
+            {"path": path, "port": port},
+        ), probe
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= settings["startupSeconds"]
+    pod = find(docs, "Deployment", "-serving")["spec"]["template"]["metadata"]
+    annotations = pod["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_serving_split_is_passed_as_a_hydra_dict():
+    values = with_serving("defaults", serve={"split": {"champion": 0.9, "challenger": 0.1}})
+    _, c = serving_container(documents(render(values)))
+    assert "serve.split={challenger:0.1,champion:0.9}" in serve_args(c)
+
+
+def test_serving_split_composes_in_visionflows_config(tmp_path, monkeypatch):
+    from visionflow.core.config import load_config
+
+    values = with_serving("defaults", serve={"split": {"champion": 0.9, "challenger": 0.1}})
+    _, c = serving_container(documents(render(values)))
+    monkeypatch.setenv("VISIONFLOW_HOME", str(tmp_path))
+    monkeypatch.delenv("VISIONFLOW_SITE_CONFIG", raising=False)
+    assert load_config(serve_args(c)).serve.split == {"champion": 0.9, "challenger": 0.1}
+
+
+def test_serving_pod_writes_only_to_its_scratch_volume():
+    docs = documents(render(with_serving("defaults")))
+    spec, c = serving_container(docs)
+    assert spec["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    scratch = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    writable = [
+        m["mountPath"] for m in c["volumeMounts"] if m["name"] in scratch and not m.get("readOnly")
+    ]
+    assert "/tmp" in writable
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for path in (env["HOME"], env["VISIONFLOW_HOME"], c["workingDir"]):
+        assert any(path == w or path.startswith(w + "/") for w in writable), path
+    # The mounts that are not scratch are read-only.
+    assert all(m.get("readOnly") for m in c["volumeMounts"] if m["name"] not in scratch)
+
+
+def egress_ports(rule: dict) -> set[tuple[int, str]]:
+    return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "mlflow_port", "s3_port"),
+    [
+        ("defaults", {}, 5000, 9000),  # visionflow's default MLflow, Kubeflow's MinIO
+        ("external-services-values", {}, 443, 443),  # https URLs without a port
+        ("sim-values", {}, 5000, 9000),
+        (
+            "defaults",
+            {"mlflow": {"trackingUri": "http://mlflow.team:8081"}},
+            8081,
+            9000,
+        ),
+        ("defaults", {"storage": {"endpoint": "https://s3.team:7480"}}, 5000, 7480),
+        ("all-enabled-values", {}, None, None),  # the chart's own servers: by pod
+    ],
+)
+def test_serving_network_policy(case, extra, mlflow_port, s3_port, no_network):
+    values = merged(with_serving(case), extra)
+    settings = chart_values(values)
+    docs = documents(render(values))
+    for doc in serving_docs(docs):  # these renders are not among the cases: validate them here
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    policy = find(docs, "NetworkPolicy", "-serving")["spec"]
+    np_values = settings["serving"]["networkPolicy"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    callers, metrics = policy["ingress"]
+    assert callers == {"from": np_values["from"], "ports": [{"port": "http", "protocol": "TCP"}]}
+    assert metrics == {
+        "from": np_values["metricsFrom"],
+        "ports": [{"port": "http", "protocol": "TCP"}],
+    }
+    dns, mlflow, s3 = policy["egress"]  # no other egress, and each rule names its ports
+    assert dns == {
+        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+        "to": np_values["dnsTo"],
+    }
+    for rule, component, port in ((mlflow, "mlflow", mlflow_port), (s3, "minio", s3_port)):
+        if port is None:  # only the chart's pods, on their container port
+            server = find(docs, "Deployment", f"-{component}")
+            (peer,) = rule["to"]
+            assert selects(peer["podSelector"], server["spec"]["template"]["metadata"]["labels"])
+            assert set(peer) == {"podSelector"}
+            (server_port,) = pod_spec(server)["containers"][0]["ports"]
+            assert egress_ports(rule) == {(server_port["containerPort"], "TCP")}
+        else:
+            assert rule == {"ports": [{"port": port, "protocol": "TCP"}]}, component
+
+
+def test_serving_network_policy_peers_and_switch():
+    kubeflow_minio = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+        "podSelector": {"matchLabels": {"app": "minio"}},
+    }
+    extra_rule = {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 8443}]}
+    values = with_serving(
+        "defaults",
+        networkPolicy={
+            "s3To": [kubeflow_minio],
+            "mlflowTo": [kubeflow_minio],
+            "metricsFrom": [],
+            "extraEgress": [extra_rule],
+        },
+    )
+    policy = find(documents(render(values)), "NetworkPolicy", "-serving")["spec"]
+    assert len(policy["ingress"]) == 1  # no metrics rule of its own
+    assert [r.get("to") for r in policy["egress"][1:3]] == [[kubeflow_minio], [kubeflow_minio]]
+    assert policy["egress"][3:] == [extra_rule]
+    off = documents(render(merged(values, {"networkPolicy": {"enabled": False}})))
+    assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+    assert {d["kind"] for d in serving_docs(off)} == SERVING_KINDS - {"NetworkPolicy"}
+
+
+def test_serving_values_are_checked():
+    from visionflow.core.config import ServeConfig
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    serve_schema = schema["properties"]["serving"]["properties"]["serve"]
+    # Every serve setting but the two the chart sets, and no other.
+    assert set(serve_schema["properties"]) == {f.name for f in dataclasses.fields(ServeConfig)} - {
+        "host",
+        "port",
+    }
+    for bad in (
+        {"serve": {"host": "127.0.0.1"}},
+        {"serve": {"port": 1}},
+        {"serve": {"no_such": 1}},
+        {"serve": {"variant": "fp16"}},
+        {"serve": {"split": {"champion": "most"}}},
+        {"model": "no such model"},
+        {"model": ""},
+        {"pdb": {"minAvailable": "half"}},
+        {"autoscaling": {"targetCPUUtilizationPercentage": 0}},
+        {"service": {"type": "ExternalName"}},
+        {"replica": 1},
+    ):
+        with pytest.raises(helm.HelmValuesError):
+            render(with_serving("defaults", **bad))
+    for bad, message in (
+        ({"autoscaling": {"minReplicas": 4, "maxReplicas": 3}}, "minReplicas"),
+        ({"pdb": {"minAvailable": 2}}, "minAvailable"),
+        ({"replicas": 1, "autoscaling": {"enabled": False}}, "minAvailable"),
+    ):
+        with pytest.raises(helm.HelmRenderError, match=message):
+            render(with_serving("defaults", **bad))
+    render(
+        with_serving(
+            "defaults", replicas=1, autoscaling={"enabled": False}, pdb={"minAvailable": 0}
+        )
+    )
+
+
+def test_notes_say_how_to_reach_the_service():
+    values = with_serving("defaults", model="shapes@staging", service={"port": 80})
+    notes = render(values)[f"{CHART.name}/templates/NOTES.txt"]
+    svc = f"{RELEASE}-serving"
+    assert f"kubectl -n {NAMESPACE} port-forward svc/{svc} 8080:80" in notes
+    assert "curl -s http://localhost:8080/v2/health/ready" in notes
+    assert "http://localhost:8080/v1/models/shapes:predict" in notes
+    assert "Serving:" not in render({})[f"{CHART.name}/templates/NOTES.txt"]

@@ -146,3 +146,59 @@ checkov.io/skip{{ add $n 1 }}: CKV_K8S_15=IfNotPresent with a pinned version tag
       name: {{ include "visionflow.s3Secret" . }}
       key: {{ .Values.minio.secretKeyKey }}
 {{- end }}
+
+{{/* The port of a URL: the one it names, else its scheme's (443 for https, 80 otherwise). */}}
+{{- define "visionflow.urlPort" -}}
+{{- $url := urlParse . }}
+{{- $host := $url.host }}
+{{- if regexMatch ":[0-9]+$" $host }}
+{{- regexFind "[0-9]+$" $host }}
+{{- else if eq $url.scheme "https" }}443
+{{- else }}80
+{{- end }}
+{{- end }}
+
+{{/*
+A value as a Hydra override writes it: maps as {k:v,...} (keys sorted), lists as [a,b], null as
+null, whole numbers without an exponent (Helm reads numbers as floats: 4e+07 is 40000000),
+anything else as its text. `serve.split={champion:0.9,challenger:0.1}` and the like.
+*/}}
+{{- define "visionflow.hydraValue" -}}
+{{- if kindIs "map" . }}
+{{- $items := list }}
+{{- range $k := keys . | sortAlpha }}
+{{- $items = append $items (printf "%s:%s" $k (include "visionflow.hydraValue" (index $ $k))) }}
+{{- end }}
+{{- printf "{%s}" (join "," $items) }}
+{{- else if kindIs "slice" . }}
+{{- $items := list }}
+{{- range . }}
+{{- $items = append $items (include "visionflow.hydraValue" .) }}
+{{- end }}
+{{- printf "[%s]" (join "," $items) }}
+{{- else if kindIs "invalid" . }}null
+{{- else if and (kindIs "float64" .) (eq (floor .) .) }}
+{{- int64 . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `serve.*` overrides of the serving pods: serving.serve, and serve.threads from the CPU limit
+unless set there (ONNX Runtime would otherwise start a thread per core of the node, up to 8,
+whatever the pod's limit), as `serve.<key>=<value>` in key order.
+*/}}
+{{- define "visionflow.servingSettings" -}}
+{{- $cpu := toString .Values.serving.resources.limits.cpu }}
+{{- $cores := 0.0 }}
+{{- if hasSuffix "m" $cpu }}
+{{- $cores = divf (float64 (trimSuffix "m" $cpu)) 1000 }}
+{{- else }}
+{{- $cores = float64 $cpu }}
+{{- end }}
+{{- $serve := merge (deepCopy .Values.serving.serve) (dict "threads" (max 1 (int (floor $cores)))) }}
+{{- range $key := keys $serve | sortAlpha }}
+- {{ printf "serve.%s=%s" $key (include "visionflow.hydraValue" (index $serve $key)) | quote }}
+{{- end }}
+{{- end }}
