@@ -191,8 +191,9 @@ class ServeConfig:
     timeout_s: float = 10.0  # a request not answered by then gets 504
     refresh_s: float = 30.0  # aliases are resolved again this often (0: only at start)
     # Traffic by alias and weight, e.g. {champion: 0.9, challenger: 0.1}; sticky per
-    # X-Visionflow-Key. None: everything to MODEL's version.
-    split: dict[str, float] | None = None
+    # X-Visionflow-Key. None: everything to MODEL's version. (Typed Any: Hydra cannot merge a
+    # `{...}` override into a typed dict that defaults to None; serving checks the weights.)
+    split: Any = None
     shadow: str | None = None  # an alias that gets a copy of each request; answers are MODEL's
     max_versions: int = 4  # versions named by number kept loaded (least recently used go)
     top_k: int = 5  # classification: labels per image in /v1 answers

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,6 @@ def register(
 ) -> RegisterResult:
     """Register this run's model; inputs default to what the run's earlier steps recorded."""
     import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
@@ -155,36 +155,12 @@ def register(
     version = mlflow.register_model(info.model_uri, name, tags=lineage)
     number = int(version.version)
 
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as err:
-        if err.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
-            raise  # a real failure (server down, ...), not "no champion yet"
-        current = None
-    champion_score = None
-    if not gate_passed:
-        promote, reason = (
-            False,
-            f"quality gate failed (test {task.metric} below {cfg.evaluate.min_score})",
-        )
-    elif current is None:
-        promote, reason = True, "first version to pass the gate"
-    elif (
-        current.tags.get("classes") != lineage["classes"]
-        or current.tags.get("task", "classification") != task.name
-    ):
-        promote, reason = (
-            False,
-            f"champion v{current.version} is another task or predicts other classes; not comparable",
-        )
-    else:
-        champion_score = _score_of(current, task, test, classes)
-        promote = new_score > champion_score
-        verdict = "beats" if promote else "does not beat"
-        reason = (
-            f"test {task.metric} {new_score:.4f} {verdict} champion v{current.version} "
-            f"({champion_score:.4f}) on the same test split"
-        )
+    current = alias_holder(client, name, CHAMPION)
+    promote, reason, champion_score = champion_rule(
+        task.name, task.metric, gate_passed, lineage["classes"], new_score, current,
+        lambda: _score_of(current, task, test, classes),
+        f"quality gate failed (test {task.metric} below {cfg.evaluate.min_score})",
+    )  # fmt: skip
     if promote:
         client.set_registered_model_alias(name, CHAMPION, str(number))
     champion_version = (
@@ -207,6 +183,136 @@ def register(
     )
     save_step(store, cfg.run_id, "register", result)
     return result
+
+
+def alias_holder(client, name: str, alias: str):
+    """The version that holds `alias` now, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            raise  # a real failure (server down, ...), not "no such alias"
+        return None
+
+
+def champion_rule(
+    task: str,
+    metric: str,
+    gate_passed: bool,
+    classes: str,
+    score: float,
+    current,
+    current_score: Callable[[], float],
+    gate_reason: str,
+) -> tuple[bool, str, float | None]:
+    """Whether a version may take `champion` from `current` (None: nobody holds it), why, and
+    the current champion's score where it was measured.
+
+    The rule register and promote share: the quality gate passed; the champion, if any, is the
+    same task over the same classes; and the new version scores strictly higher on the task's
+    main metric than the champion on the same test split (`current_score()` measures that).
+    """
+    if not gate_passed:
+        return False, gate_reason, None
+    if current is None:
+        return True, "first version to pass the gate", None
+    if current.tags.get("classes") != classes or current.tags.get("task", "classification") != task:
+        return (
+            False,
+            f"champion v{current.version} is another task or predicts other classes; not comparable",
+            None,
+        )
+    champion_score = current_score()
+    better = score > champion_score
+    verdict = "beats" if better else "does not beat"
+    return (
+        better,
+        f"test {metric} {score:.4f} {verdict} champion v{current.version} ({champion_score:.4f}) "
+        "on the same test split",
+        champion_score,
+    )
+
+
+class PromoteError(RuntimeError):
+    """The alias may not move to that version; the message says why."""
+
+
+def promote(name: str, version: int, alias: str = CHAMPION, overrides=()) -> dict[str, object]:
+    """Move `alias` of model `name` to `version` under register's rules; PromoteError if not.
+
+    `champion` follows `champion_rule`, with both versions' scores as register measured them;
+    they must have been tested on the same dataset's test split (the `dataset_manifest` tag),
+    else they are not comparable here. Another alias (`challenger`, ...) needs the quality gate
+    passed and, where there is a champion, the same task and classes: a challenger is there to
+    be compared with it.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.core.config import load_config
+
+    cfg = load_config(list(overrides))
+    tracking.check_reachable(cfg.tracking.uri)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    client = mlflow.MlflowClient()
+    try:
+        candidate = client.get_model_version(name, str(version))
+    except MlflowException as err:
+        raise PromoteError(f"model {name} has no version {version} ({err.message})") from None
+    tags = candidate.tags
+    task, holder = tags.get("task", "classification"), alias_holder(client, name, alias)
+    metric = get_task(task).metric
+    gate_passed = tags.get("gate_passed") == "true"
+    gate_reason = f"v{version} did not pass the quality gate when it was registered"
+    if holder is not None and int(holder.version) == version:
+        return {"model": name, "version": version, "alias": alias, "moved": False,
+                "reason": f"{alias} is v{version} already"}  # fmt: skip
+    if alias == CHAMPION:
+
+        def champion_score() -> float:
+            if holder.tags.get("dataset_manifest") != tags.get("dataset_manifest"):
+                raise PromoteError(
+                    f"cannot promote v{version} to {alias}: it was tested on dataset "
+                    f"{tags.get('dataset_manifest')}, champion v{holder.version} on "
+                    f"{holder.tags.get('dataset_manifest')}; scores on different test splits "
+                    f"are not comparable (register v{version}'s run again to compare them on one)"
+                )
+            return _recorded_score(holder, metric)
+
+        ok, reason, _ = champion_rule(
+            task, metric, gate_passed, tags.get("classes", ""), _recorded_score(candidate, metric),
+            holder, champion_score, gate_reason,
+        )  # fmt: skip
+    else:
+        champion = alias_holder(client, name, CHAMPION)
+        comparable = champion is None or (
+            champion.tags.get("classes") == tags.get("classes")
+            and champion.tags.get("task", "classification") == task
+        )
+        ok = gate_passed and comparable
+        reason = (
+            gate_reason
+            if not gate_passed
+            else f"champion v{champion.version} is another task or predicts other classes"
+            if not comparable
+            else "passed the quality gate; same task and classes as the champion"
+        )
+    if not ok:
+        raise PromoteError(f"cannot promote {name} v{version} to {alias}: {reason}")
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), f"{alias}_decision", reason)
+    log.info("%s: %s -> v%d (%s)", name, alias, version, reason)
+    return {"model": name, "version": version, "alias": alias, "moved": True, "reason": reason}
+
+
+def _recorded_score(version, metric: str) -> float:
+    """The test score register measured for a version (its `test_<metric>` tag)."""
+    value = version.tags.get(f"test_{metric}")
+    if value is None:
+        raise PromoteError(f"v{version.version} has no recorded test {metric}: register it again")
+    return float(value)
 
 
 def int8_tags(q: dict) -> dict[str, str]:
