@@ -3,6 +3,8 @@
 visionflow <step> [key=value ...]      run one step: prepare, train, evaluate, export,
                                        quantize, register (Hydra overrides)
 visionflow pipeline run [key=value ...] the whole pipeline on this machine (kfp.local)
+visionflow pipeline run --pipeline batch_inference predict.model=M predict.input=... [...]
+                                       the batch inference pipeline, likewise
 visionflow pipeline run|submit -m key=a,b ...  a sweep: one run per combination
 visionflow pipeline compile [-o FILE]  write the compiled pipeline YAML
 visionflow serve MODEL [key=value ...]  the HTTP service (MODEL: name, name@alias, name/version)
@@ -80,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     pipe_sub = pipe.add_subparsers(dest="action", required=True)
     pr = pipe_sub.add_parser("run", help="run the pipeline on this machine (kfp.local)")
     pr.add_argument("-m", "--multirun", action="store_true", help=MULTIRUN_HELP)
+    pr.add_argument(
+        "--pipeline",
+        choices=("training", "batch_inference"),
+        default="training",
+        help="which pipeline (default: training)",
+    )
     pr.add_argument("overrides", nargs="*", metavar="key=value")
     ps = pipe_sub.add_parser("submit", help="upload the pipeline to Kubeflow Pipelines and run it")
     ps.add_argument("--host", required=True, help="KFP URL, e.g. http://localhost:8080")
@@ -121,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     rj.add_argument("overrides", nargs="*", metavar="key=value")
     cf = sub.add_parser("config", help="print the resolved config")
     cf.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "promote" and all("=" in a for a in extra):
+        args.overrides += extra  # `promote NAME V --alias A key=value`: overrides after the flag
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     logs.setup()
     try:
@@ -137,13 +149,17 @@ def _dispatch(args) -> int:
     if args.command == "pipeline" and getattr(args, "multirun", False):
         from visionflow.kfp import sweep
 
+        if getattr(args, "pipeline", "training") != "training":
+            from visionflow.core.config import ConfigError
+
+            raise ConfigError("a sweep (-m) runs the training pipeline only: drop --pipeline")
         return sweep.cli_run(args.overrides) if args.action == "run" else sweep.cli_submit(args)
     if args.command in STEPS:
         print(json.dumps(run_step(args.command, args.overrides), default=str))
     elif args.command == "pipeline" and args.action == "run":
         from visionflow.kfp.local import run_local
 
-        summary, path = run_local(args.overrides)
+        summary, path = run_local(args.overrides, args.pipeline)
         print(json.dumps(summary))
         print(f"summary written to {path}", file=sys.stderr)
     elif args.command == "pipeline" and args.action == "upload":

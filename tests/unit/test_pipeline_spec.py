@@ -1,5 +1,7 @@
-"""The compiled pipeline: parameters a Kubeflow UI rerun can change, images, no secrets."""
+"""The compiled pipelines (training, batch inference): parameters a Kubeflow UI rerun can change,
+images, cluster wiring, no secrets."""
 
+import pytest
 import yaml
 
 from visionflow import __version__
@@ -93,3 +95,60 @@ def test_unset_parameters_keep_the_config_and_overrides_come_last():
     assert configure_overrides({k: v for k, v in knobs.items() if k != "data"}, [], "")[
         1
     ]  # a fresh id
+
+
+BATCH_KNOBS = {"model", "input", "output", "shard_size", "batch_size", "top_k",
+               "max_bad_fraction", "variant", "overrides", "run_id"}  # fmt: skip
+
+
+def test_batch_inference_pipeline_is_wired_to_the_cluster_like_the_training_one(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "compile-time-secret-value")
+    text = compile_pipeline(tmp_path / "batch.yaml", "batch_inference").read_text()
+    assert "compile-time-secret-value" not in text
+    spec, platform = yaml.safe_load_all(text)
+    assert spec["pipelineInfo"]["name"] == "visionflow-batch-inference"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == BATCH_KNOBS
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"configure-predict", "predict"}
+    # The predict step is never cached (the same parameters over changed input must predict
+    # again) and has no KFP retry (it retries transient causes in process and resumes).
+    assert "enableCache" not in tasks["predict"]["cachingOptions"]
+    assert not [name for name, t in tasks.items() if "retryPolicy" in t]
+    containers = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in containers.values()} == {IMAGE}
+    assert "retrying(" in containers["exec-predict"]["container"]["command"][-1]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(containers)
+    for name, executor in executors.items():
+        (secret,) = executor["secretAsEnv"]
+        assert secret["secretName"] == pipeline.S3_SECRET
+        envs = {k["envVar"] for e in executor["configMapAsEnv"] for k in e["keyToEnv"]}
+        assert envs == {*pipeline.ENV_KEYS, *pipeline.ENV_OPTIONAL_KEYS}
+        (mount,) = executor["configMapAsVolume"]
+        assert (mount["configMapName"], mount["mountPath"]) == (
+            pipeline.SITE_CONFIG_MAP,
+            pipeline.SITE_MOUNT,
+        )
+        resources = containers[name]["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest",
+                "resourceMemoryLimit"} <= set(resources), name  # fmt: skip
+        shm = [d for d in executor.get("emptyDirMounts", []) if d["mountPath"] == "/dev/shm"]
+        assert bool(shm) == (name == "exec-predict"), name
+
+
+def test_batch_parameters_become_predict_overrides_and_are_checked():
+    from visionflow.kfp.io import PREDICT_KNOBS
+    from visionflow.kfp.params import ParameterError
+
+    knobs = dict(model="visionflow-shapes@champion", input="s3://b/images, 2024", output="",
+                 shard_size=500, batch_size=0, top_k=0, max_bad_fraction=0.0, variant="")  # fmt: skip
+    overrides, run_id = configure_overrides(knobs, ["predict.top_k=3"], "batch-7", PREDICT_KNOBS)
+    assert overrides == ["predict.model='visionflow-shapes@champion'",
+                         "predict.input='s3://b/images, 2024'", "predict.shard_size=500",
+                         "predict.max_bad_fraction=0.0", "predict.top_k=3"]  # fmt: skip
+    assert run_id == "batch-7"
+    with pytest.raises(ParameterError, match="storage.root"):
+        configure_overrides(knobs, ["storage.root=s3://other"], "batch-7", PREDICT_KNOBS)

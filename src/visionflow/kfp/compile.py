@@ -3,6 +3,8 @@
 `make compile` writes every compiled file this repository ships, in one go:
 
 - `pipelines/training.yaml`: the training pipeline (upload it in the Kubeflow UI);
+- `pipelines/batch_inference.yaml`: the batch inference pipeline (a registered model over a
+  directory or S3 prefix of images, into Parquet);
 - `components/<step>.yaml`: each component, for other pipelines
   (`kfp.components.load_component_from_file("components/train.yaml")`);
 - `charts/visionflow/files/`: the same files, which the Helm chart ships and its hook uploads.
@@ -17,17 +19,27 @@ from pathlib import Path
 
 from visionflow.runs import STEPS
 
-COMPONENTS = ("configure", *STEPS)
+COMPONENTS = ("configure", *STEPS, "predict")
+# Pipeline name -> (module, function).
+PIPELINES = {
+    "training": ("visionflow.kfp.pipeline", "training_pipeline"),
+    "batch_inference": ("visionflow.kfp.batch_pipeline", "batch_inference_pipeline"),
+}
 CHART_FILES = Path("charts/visionflow/files")
 
 
-def compile_pipeline(path: Path) -> Path:
+def pipeline_function(name: str = "training"):
+    if name not in PIPELINES:
+        raise ValueError(f"no pipeline {name!r}: one of {', '.join(PIPELINES)}")
+    module, function = PIPELINES[name]
+    return getattr(importlib.import_module(module), function)
+
+
+def compile_pipeline(path: Path, name: str = "training") -> Path:
     from kfp import compiler
 
-    from visionflow.kfp.pipeline import training_pipeline
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(training_pipeline, package_path=str(path))
+    compiler.Compiler().compile(pipeline_function(name), package_path=str(path))
     return path
 
 
@@ -40,14 +52,15 @@ def compile_component(name: str, path: Path) -> Path:
     return path
 
 
-def compiled_files(root: Path) -> dict[Path, tuple[str, str | None]]:
+def compiled_files(root: Path) -> dict[Path, tuple[str, str]]:
     """Every compiled file under `root` (a checkout): path -> ("pipeline"|"component", name)."""
-    files: dict[Path, tuple[str, str | None]] = {}
+    files: dict[Path, tuple[str, str]] = {}
     for pipeline_dir, component_dir in (
         (root / "pipelines", root / "components"),
         (root / CHART_FILES / "pipeline", root / CHART_FILES / "components"),
     ):
-        files[pipeline_dir / "training.yaml"] = ("pipeline", None)
+        for name in PIPELINES:
+            files[pipeline_dir / f"{name}.yaml"] = ("pipeline", name)
         for name in COMPONENTS:
             files[component_dir / f"{name}.yaml"] = ("component", name)
     return files
@@ -58,6 +71,6 @@ def compile_all(root: Path) -> list[Path]:
     written = []
     for path, (kind, name) in compiled_files(root).items():
         written.append(
-            compile_pipeline(path) if kind == "pipeline" else compile_component(name, path)
+            compile_pipeline(path, name) if kind == "pipeline" else compile_component(name, path)
         )
     return written

@@ -54,15 +54,29 @@ _KNOBS = {
     "max_int8_drop": "quantize.max_accuracy_drop",
     "registered_model_name": "register.model_name",
 }
+# The batch inference pipeline's parameters (visionflow.kfp.batch_pipeline).
+PREDICT_KNOBS = {
+    "model": "predict.model",
+    "input": "predict.input",
+    "output": "predict.output",
+    "shard_size": "predict.shard_size",
+    "batch_size": "predict.batch_size",
+    "top_k": "predict.top_k",
+    "max_bad_fraction": "predict.max_bad_fraction",
+    "variant": "predict.variant",
+}
+# Numbers for which 0 means something (no gate; no undecodable image allowed): unset is negative.
+_ZERO_IS_A_VALUE = {"min_score", "max_bad_fraction"}
 
 
 def configure_overrides(
-    knobs: dict[str, Any], overrides: list[str], run_id: str
+    knobs: dict[str, Any], overrides: list[str], run_id: str, keys: dict[str, str] = _KNOBS
 ) -> tuple[list[str], str]:
     """Overrides for the pipeline's parameters, then the user's own, and the run id to use.
 
     Everything is checked against the run parameters' allow-list (visionflow.kfp.params) first:
-    a refused parameter raises ParameterError naming it, before any work.
+    a refused parameter raises ParameterError naming it, before any work. `keys` maps each
+    parameter to its config key (the training pipeline's by default; PREDICT_KNOBS).
     """
     from visionflow.core.config import new_run_id
     from visionflow.kfp.params import check_parameters
@@ -71,10 +85,10 @@ def configure_overrides(
     for name, value in knobs.items():
         if isinstance(value, str):
             unset = value == ""
-        elif name == "min_score":  # 0 is a meaningful gate (no gate)
+        elif name in _ZERO_IS_A_VALUE:
             unset = value < 0
         else:
             unset = value <= 0
         if not unset:
-            chosen[name] = (_KNOBS[name], value)
+            chosen[name] = (keys[name], value)
     return check_parameters(chosen, [str(o) for o in overrides], run_id or new_run_id())

@@ -1,4 +1,5 @@
-"""Run the training pipeline on this machine with kfp.local (no cluster, no Docker)."""
+"""Run a pipeline on this machine with kfp.local (no cluster, no Docker): the training pipeline,
+or the batch inference one (`visionflow pipeline run --pipeline batch_inference ...`)."""
 
 from __future__ import annotations
 
@@ -22,22 +23,38 @@ class PipelineError(RuntimeError):
     """A pipeline step failed; its own log above says why."""
 
 
-def run_local(overrides: list[str]) -> tuple[dict[str, Any], Path]:
-    """Run the whole pipeline on this machine under kfp.local's SubprocessRunner.
+# What each pipeline's steps are, for the log.
+STEPS = {
+    "training": "prepare → train → evaluate → export → quantize → register",
+    "batch_inference": "configure → predict",
+}
+
+
+def run_local(overrides: list[str], pipeline: str = "training") -> tuple[dict[str, Any], Path]:
+    """Run a whole pipeline on this machine under kfp.local's SubprocessRunner.
 
     Each step runs as its own process with this interpreter, as it would in its own pod, and
     gets what a cluster step gets: the run's parameters (only what the allow-list admits,
     visionflow.kfp.params) and a site config for the rest (storage, tracking, the working
-    directory), which this machine's operator, you, chose. Returns the run summary and the path
-    of the file it was written to.
+    directory), which this machine's operator, you, chose. `pipeline` is `training` or
+    `batch_inference` (visionflow.kfp.compile.PIPELINES); both take the overrides and the run
+    id. Returns the run summary (the last step's JSON) and the path of the file it was written
+    to.
     """
+    from visionflow.core.config import ConfigError
     from visionflow.core.factories import validate
 
+    if pipeline not in STEPS:
+        raise ConfigError(f"no pipeline {pipeline!r}: one of {', '.join(STEPS)}")
     cfg = load_config(overrides)  # fail on a bad config before any step starts
     validate(cfg)
+    if pipeline == "batch_inference":
+        from visionflow.steps.predict import check_config
+
+        check_config(cfg)
     from kfp import local
 
-    from visionflow.kfp.pipeline import training_pipeline
+    from visionflow.kfp.compile import pipeline_function
 
     params, site = split_overrides(overrides)
     site_file = write_site_config(  # every step: the same absolute workdir
@@ -52,14 +69,13 @@ def run_local(overrides: list[str]) -> tuple[dict[str, Any], Path]:
         raise_on_error=True,
     )
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")  # ours is Python
-    log.info(
-        "pipeline run %s: prepare → train → evaluate → export → quantize → register", cfg.run_id
-    )
+    log.info("%s run %s: %s", "pipeline" if pipeline == "training" else pipeline, cfg.run_id,
+             STEPS[pipeline])  # fmt: skip
     print_ = builtins.print  # kfp.local patches print while tasks run
     previous_site = os.environ.get(SITE_ENV)
     os.environ[SITE_ENV] = str(site_file)
     try:
-        task = training_pipeline(overrides=params, run_id=cfg.run_id)
+        task = pipeline_function(pipeline)(overrides=params, run_id=cfg.run_id)
     except RuntimeError as err:
         raise PipelineError(_plain(str(err))) from None
     finally:

@@ -2,7 +2,8 @@
 
 Anyone who may start a run in the Kubeflow UI fills in the pipeline's parameters, and the steps'
 pods hold credentials (the S3 Secret, a token that may create PyTorchJobs). So parameters, the
-`overrides` list included, may only choose *what to train*, never run code or read the pod:
+`overrides` list included, may only choose *what to train* (or, for the batch inference
+pipeline, what to predict: `predict.*`), never run code or read the pod:
 
 - Keys: the groups and sections in `ALLOWED` below (README "Run parameters"). Where artifacts and
   runs go (`storage`, `tracking`), the working directory, Hydra's own settings and the cluster's
@@ -30,7 +31,7 @@ GROUPS = frozenset({"model", "data", "transforms", "callbacks", "optim", "optim/
                     "trainer", "experiment"})  # fmt: skip
 # Dotted prefixes a run may set values under.
 SECTIONS = ("model.", "data.", "transforms.", "callbacks.", "optim.", "trainer.", "train.",
-            "evaluate.", "export.", "quantize.", "register.", "sweep.")  # fmt: skip
+            "evaluate.", "export.", "quantize.", "register.", "sweep.", "predict.")  # fmt: skip
 CLUSTER_SIZES = frozenset({"cluster.nodes", "cluster.gpus_per_node", "cluster.cpu",
                            "cluster.memory", "cluster.shm_size"})  # fmt: skip
 SINGLE = frozenset({"seed"})

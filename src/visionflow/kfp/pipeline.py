@@ -42,6 +42,9 @@ RESOURCES = {
     "export": ("2", "8Gi", "2Gi"),
     "quantize": ("4", "16Gi", "2Gi"),
     "register": ("1", "4Gi", None),
+    # The batch inference pipeline's (visionflow.kfp.batch_pipeline): it decodes images in
+    # threads and runs ONNX Runtime on the pod's cores.
+    "predict": ("4", "16Gi", "1Gi"),
 }
 # Set on the train task only: `cluster.launcher=auto` launches a PyTorchJob only inside a step
 # of this pipeline running in Kubernetes (visionflow.cluster.training.use_pytorchjob).

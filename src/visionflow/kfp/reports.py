@@ -80,3 +80,47 @@ def quantize_report(r) -> str:
         "Settings: " + ", ".join(f"{k}={v}" for k, v in r.settings.items()) + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def predict_html(cfg, result) -> str:
+    """Batch inference for the Kubeflow UI: figures, the class histogram (a bar chart inline
+    and a table), and the undecodable images."""
+    import base64
+    import html
+
+    from visionflow.storage import split_uri
+
+    store, key = split_uri(result.histogram_png, cfg.storage.endpoint)
+    png = base64.b64encode(store.get_bytes(key)).decode()
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{value:g}</td></tr>"
+        for name, value in result.histogram.items()
+    )
+    bad = "".join(
+        f"<li><code>{html.escape(b['key'])}</code>: {html.escape(b['reason'])}</li>"
+        for b in result.bad_images[:100]
+    )
+    more = len(result.bad_images) - 100
+    speed = (
+        f"{result.images_per_s:.1f} images/s"
+        if result.images_per_s
+        else "nothing left to predict (every shard was done before)"
+    )
+    return (
+        f"<html><body><h2>{html.escape(result.model_name)} v{result.model_version} "
+        f"({html.escape(result.variant)}) on {result.images} images</h2>"
+        f"<p>{result.predicted} predicted into <code>{html.escape(result.output)}</code>, "
+        f"{result.shards} shards ({result.shards_skipped} finished before this attempt); "
+        f"{speed}.</p>"
+        f'<img src="data:image/png;base64,{png}"/>'
+        f"<table border=1><tr><th>class</th><th>{html.escape(result.histogram_kind)}</th></tr>"
+        f"{rows}</table>"
+        f"<p><b>{len(result.bad_images)} undecodable images</b>"
+        + (f":</p><ul>{bad}</ul>" if bad else ".</p>")
+        + (
+            f"<p>... and {more} more, in <code>{html.escape(result.bad_images_uri)}</code></p>"
+            if more > 0
+            else ""
+        )  # fmt: skip
+        + "</body></html>"
+    )
