@@ -28,15 +28,27 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from visionflow.kfp.compile import compile_all, compiled_files
+from visionflow.kfp.compile import PIPELINES, compile_all, compiled_files
+from visionflow.kfp.submit import version_name
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "visionflow"
 CASES = ["defaults"] + sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))
 RELEASE, NAMESPACE = "visionflow", "ml-team"
 K8S_VERSION = "1.30.0"
-COMPONENTS = ("configure", "prepare", "train", "evaluate", "export", "quantize", "register")
-PIPELINE_FILE = CHART / "files" / "pipeline" / "training.yaml"
+COMPONENTS = ("configure", "prepare", "train", "evaluate", "export", "quantize", "register",
+              "predict")  # fmt: skip
+# Every pipeline visionflow compiles, shipped and uploaded by the chart (in this order) under the
+# kfp.upload value and default name beside it.
+PIPELINE_FILES = {name: CHART / "files" / "pipeline" / f"{name}.yaml" for name in PIPELINES}
+UPLOAD_NAMES = {
+    "training": ("pipelineName", "visionflow-training"),
+    "batch_inference": ("batchPipelineName", "visionflow-batch-inference"),
+}
+# A Secret and keys other than the defaults, which every shipped pipeline must name instead.
+OTHER_SECRET = {
+    "minio": {"existingSecret": "team-s3", "accessKeyKey": "access", "secretKeyKey": "secret"}
+}
 REGENERATE = "regenerate it with `make compile`"
 # What visionflow's launcher uses, and nothing more (test_rbac_is_exactly_what_the_launcher_uses).
 JOB_VERBS = ("create", "get", "list", "watch", "delete")
@@ -428,13 +440,15 @@ def test_compiled_files_are_current(tmp_path):
         )
 
 
-def test_compiled_pipeline_agrees_with_the_chart():
-    """The compiled pipeline names the objects of a release called `visionflow` with the
+@pytest.mark.parametrize("name", PIPELINES)
+def test_compiled_pipeline_agrees_with_the_chart(name):
+    """Each compiled pipeline names the objects of a release called `visionflow` with the
     default Secret and keys, and the chart's images."""
     import visionflow
     from visionflow.kfp import pipeline
 
-    spec, platform = yaml.safe_load_all(PIPELINE_FILE.read_text())
+    assert set(UPLOAD_NAMES) == set(PIPELINES)
+    spec, platform = yaml.safe_load_all(PIPELINE_FILES[name].read_text())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {visionflow.CPU_IMAGE}
     assert chart_metadata()["appVersion"] == visionflow.__version__
@@ -445,7 +459,9 @@ def test_compiled_pipeline_agrees_with_the_chart():
     env = find(docs, "ConfigMap", "-env")["data"]
     assert env["VISIONFLOW_SITE_CONFIG"] == f"{pipeline.SITE_MOUNT}/cluster.yaml"
     assert set(env) == {*pipeline.ENV_KEYS} | ({*pipeline.ENV_OPTIONAL_KEYS} & set(env))
-    for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+    assert all(e.get("secretAsEnv") for e in executors)
+    for executor in executors:
         for ref in executor.get("secretAsEnv", []):
             assert ref["secretName"] == defaults["existingSecret"]
             assert {k["secretKey"] for k in ref["keyToEnv"]} == {
@@ -454,21 +470,24 @@ def test_compiled_pipeline_agrees_with_the_chart():
             }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, "other-secret"])
 def test_kfp_configmap_ships_the_compiled_files_with_the_releases_names(case, rendered):
-    """The shipped pipeline is the compiled one with only the release's ConfigMap names, Secret
-    name and Secret keys in place of the compiled defaults; the components are verbatim."""
-    docs = documents(rendered[case])
+    """Each shipped pipeline is the compiled one with only the release's ConfigMap names, Secret
+    name and Secret keys in place of the compiled defaults; the components are verbatim. The
+    `other-secret` case is a release of another name with a Secret and keys of its own."""
+    values = OTHER_SECRET if case == "other-secret" else values_of(case)
+    docs = documents(render(values, name="team-a") if case == "other-secret" else rendered[case])
     data = find(docs, "ConfigMap", "-kfp")["data"]
-    expected = {"pipeline-training.yaml": PIPELINE_FILE} | {
+    pipelines = {f"pipeline-{n}.yaml": path for n, path in PIPELINE_FILES.items()}
+    expected = pipelines | {
         f"component-{n}.yaml": CHART / "files" / "components" / f"{n}.yaml" for n in COMPONENTS
     }
     assert set(data) == set(expected)
     for key, path in expected.items():
-        if key != "pipeline-training.yaml":
+        if key not in pipelines:
             assert data[key] == path.read_text(), key
     minio = {**yaml.safe_load((CHART / "values.yaml").read_text())["minio"],
-             **values_of(case).get("minio", {})}  # fmt: skip
+             **values.get("minio", {})}  # fmt: skip
     own = {
         "visionflow-env": find(docs, "ConfigMap", "-env")["metadata"]["name"],
         "visionflow-config": find(docs, "ConfigMap", "-config")["metadata"]["name"],
@@ -476,23 +495,45 @@ def test_kfp_configmap_ships_the_compiled_files_with_the_releases_names(case, re
         "AWS_ACCESS_KEY_ID": minio["accessKeyKey"],
         "AWS_SECRET_ACCESS_KEY": minio["secretKeyKey"],
     }
-    compiled = PIPELINE_FILE.read_text().splitlines()
-    shipped = data["pipeline-training.yaml"].splitlines()
-    assert len(compiled) == len(shipped)
-    for before, after in zip(compiled, shipped, strict=True):
-        if before != after:
-            field, _, value = before.partition(": ")
-            assert field.strip() in ("configMapName", "secretName", "constant", "secretKey")
-            assert after == f"{field}: {own[value]}", (before, after)
-    spec, platform = yaml.safe_load_all(data["pipeline-training.yaml"])
-    for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
-        assert {r["configMapName"] for r in executor["configMapAsEnv"]} == {own["visionflow-env"]}
-        assert {r["configMapName"] for r in executor["configMapAsVolume"]} == {
-            own["visionflow-config"]
+    if case == "other-secret":
+        assert own == {
+            "visionflow-env": "team-a-visionflow-env",
+            "visionflow-config": "team-a-visionflow-config",
+            "visionflow-minio": "team-s3",
+            "AWS_ACCESS_KEY_ID": "access",
+            "AWS_SECRET_ACCESS_KEY": "secret",
         }
-        (secret,) = executor["secretAsEnv"]
-        assert secret["secretName"] == secret["secretNameParameter"]["runtimeValue"]["constant"]
-        assert secret["secretName"] == own["visionflow-minio"]
+    for key, path in pipelines.items():
+        compiled = path.read_text().splitlines()
+        shipped = data[key].splitlines()
+        assert len(compiled) == len(shipped), key
+        for before, after in zip(compiled, shipped, strict=True):
+            if before != after:
+                field, _, value = before.partition(": ")
+                assert field.strip().removeprefix("- ") in (
+                    "configMapName",
+                    "secretName",
+                    "constant",
+                    "secretKey",
+                )
+                assert after == f"{field}: {own[value]}", (key, before, after)
+        spec, platform = yaml.safe_load_all(data[key])
+        executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+        assert executors, key
+        for executor in executors:
+            assert {r["configMapName"] for r in executor["configMapAsEnv"]} == {
+                own["visionflow-env"]
+            }
+            assert {r["configMapName"] for r in executor["configMapAsVolume"]} == {
+                own["visionflow-config"]
+            }
+            (secret,) = executor["secretAsEnv"]
+            assert secret["secretName"] == secret["secretNameParameter"]["runtimeValue"]["constant"]
+            assert secret["secretName"] == own["visionflow-minio"]
+            assert {k["secretKey"] for k in secret["keyToEnv"]} == {
+                own["AWS_ACCESS_KEY_ID"],
+                own["AWS_SECRET_ACCESS_KEY"],
+            }
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -506,32 +547,78 @@ def test_upload_hook(case, rendered):
         "before-hook-creation",
         "hook-succeeded",
     }
-    shipped = find(docs, "ConfigMap", "-kfp")["data"]["pipeline-training.yaml"]
-    assert notes["visionflow/pipeline-sha256"] == hashlib.sha256(shipped.encode()).hexdigest()
+    # Over every shipped package, in upload order: it changes when any of them does.
+    data = find(docs, "ConfigMap", "-kfp")["data"]
+    shipped = {n: data[f"pipeline-{n}.yaml"] for n in PIPELINES}
+    assert notes["visionflow/pipeline-sha256"] == (
+        hashlib.sha256("".join(shipped.values()).encode()).hexdigest()
+    )
     spec = pod_spec(job)
-    (c,) = spec["containers"]
     kfp = values.get("kfp", {})
-    assert c["command"] == [
-        "visionflow", "pipeline", "upload",
-        "--host", kfp.get("host", "http://ml-pipeline.kubeflow:8888"),
-        "--package", "/etc/visionflow/pipeline/training.yaml",
-        "--name", kfp.get("upload", {}).get("pipelineName", "visionflow-training"),
-    ]  # fmt: skip
-    assert c["image"].startswith("ghcr.io/visionflow/visionflow:")
-    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/visionflow/pipeline")
+    # One container per pipeline, each uploading its package under its own name; the same
+    # container otherwise, with a home of its own (they run at once).
+    names = {
+        n: kfp.get("upload", {}).get(key, default) for n, (key, default) in UPLOAD_NAMES.items()
+    }
+    assert len(set(names.values())) == len(names)
+    assert [c["name"] for c in spec["containers"]] == [
+        f"upload-{n.replace('_', '-')}" for n in PIPELINES
+    ]
+    for n, c in zip(PIPELINES, spec["containers"], strict=True):
+        assert c["command"] == [
+            "visionflow", "pipeline", "upload",
+            "--host", kfp.get("host", "http://ml-pipeline.kubeflow:8888"),
+            "--package", f"/etc/visionflow/pipeline/{n}.yaml",
+            "--name", names[n],
+        ]  # fmt: skip
+        assert {e["name"]: e["value"] for e in c["env"]} == {
+            "KF_PIPELINES_SA_TOKEN_PATH": "/var/run/secrets/kubeflow/pipelines/token",
+            "HOME": f"/tmp/{n}",
+            "VISIONFLOW_HOME": f"/tmp/{n}/visionflow",
+        }
+        assert c["image"].startswith("ghcr.io/visionflow/visionflow:")
+        for key in ("image", "imagePullPolicy", "securityContext", "resources", "volumeMounts"):
+            assert c[key] == spec["containers"][0][key], key
+        assert all(m.get("readOnly") for m in c["volumeMounts"] if m["mountPath"] != "/tmp")
+    mount = next(
+        m for m in spec["containers"][0]["volumeMounts"]
+        if m["mountPath"] == "/etc/visionflow/pipeline"
+    )  # fmt: skip
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == find(docs, "ConfigMap", "-kfp")["metadata"]["name"]
     assert volume["configMap"]["items"] == [
-        {"key": "pipeline-training.yaml", "path": "training.yaml"}
+        {"key": f"pipeline-{n}.yaml", "path": f"{n}.yaml"} for n in PIPELINES
     ]
+    # NOTES names each uploaded pipeline and the version its package becomes.
+    text = rendered[case][f"{CHART.name}/templates/NOTES.txt"]
+    for n, package in shipped.items():
+        version = version_name(names[n], package.encode())
+        assert f'{n}: pipeline "{names[n]}", version "{version}"' in text
     assert spec["serviceAccountName"] == find(docs, "ServiceAccount")["metadata"]["name"]
     # Kubeflow Pipelines' token, not the Kubernetes API's.
     token = next(v for v in spec["volumes"] if "projected" in v)["projected"]["sources"][0][
         "serviceAccountToken"
     ]
     assert token["audience"] == "pipelines.kubeflow.org"
-    off = documents(render({**values, "kfp": {**kfp, "upload": {"enabled": False}}}))
-    assert not [d for d in off if d["kind"] == "Job"]
+    off = render({**values, "kfp": {**kfp, "upload": {"enabled": False}}})
+    assert not [d for d in documents(off) if d["kind"] == "Job"]
+    assert "upload disabled" in off[f"{CHART.name}/templates/NOTES.txt"]
+    same = {"pipelineName": "vision", "batchPipelineName": "vision"}
+    with pytest.raises(helm.HelmRenderError, match="each pipeline needs a name of its own"):
+        render({**values, "kfp": {**kfp, "upload": same}})
+    render({**values, "kfp": {**kfp, "upload": {**same, "enabled": False}}})
+    with pytest.raises(helm.HelmValuesError):
+        render({**values, "kfp": {**kfp, "upload": {"batchPipelineName": ""}}})
+
+
+def test_a_missing_pipeline_file_fails_with_its_name(tmp_path):
+    chart = shutil.copytree(CHART, tmp_path / CHART.name)
+    (chart / "files" / "pipeline" / "batch_inference.yaml").unlink()
+    with (
+        helm.Chart.load(chart) as loaded,
+        pytest.raises(helm.HelmRenderError, match="files/pipeline/batch_inference.yaml is missing"),
+    ):
+        loaded.render({}, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -783,12 +870,16 @@ def test_serving_without_autoscaling_has_fixed_replicas():
 @pytest.mark.parametrize("case", CASES)
 def test_serving_pods_get_the_pipeline_steps_configmaps_and_secret(case):
     """The container gets the env ConfigMap, the site-config mount and the Secret's keys that
-    each step of the pipeline this release ships gets, and nothing else of the kind."""
+    each step of the pipelines this release ships gets, and nothing else of the kind."""
     docs = documents(render(with_serving(case)))
     spec, c = serving_container(docs)
-    shipped = find(docs, "ConfigMap", "-kfp")["data"]["pipeline-training.yaml"]
-    _, platform = yaml.safe_load_all(shipped)
-    executors = list(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())
+    data = find(docs, "ConfigMap", "-kfp")["data"]
+    shipped = [list(yaml.safe_load_all(data[f"pipeline-{n}.yaml"])) for n in PIPELINES]
+    executors = [
+        e
+        for _, platform in shipped
+        for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+    ]
     assert executors
     env_maps = {r["configMapName"] for e in executors for r in e["configMapAsEnv"]}
     mounts = {
@@ -839,8 +930,11 @@ def test_serving_pods_get_the_pipeline_steps_configmaps_and_secret(case):
     # The chart's CPU image: the upload hook's, and in a default release the steps' own.
     assert c["image"] == pod_spec(find(docs, "Job", "-pipeline-upload"))["containers"][0]["image"]
     if case == "defaults":
-        spec_doc = next(yaml.safe_load_all(shipped))
-        images = {e["container"]["image"] for e in spec_doc["deploymentSpec"]["executors"].values()}
+        images = {
+            e["container"]["image"]
+            for spec_doc, _ in shipped
+            for e in spec_doc["deploymentSpec"]["executors"].values()
+        }
         assert images == {c["image"]}
 
 
