@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import tarfile
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from visionflow.storage import open_store
+from visionflow.storage import open_store, split_uri
 
 STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
 SMALL = {
@@ -26,7 +27,6 @@ SMALL = {
 @pytest.fixture(scope="session", params=sorted(SMALL))
 def task_run(request, tmp_path_factory):
     """All six steps of a small detection or segmentation run, in process."""
-    from visionflow import steps
     from visionflow.core.config import load_config
 
     task = request.param
@@ -36,7 +36,10 @@ def task_run(request, tmp_path_factory):
          "evaluate.min_score=0", "quantize.bench_repeats=2", "quantize.max_accuracy_drop=100",
          "quantize.calibration_samples=32"]
     )  # fmt: skip
-    results = {name: getattr(getattr(steps, name), name)(cfg) for name in STEPS}
+    results = {
+        name: getattr(importlib.import_module(f"visionflow.steps.{name}"), name)(cfg)
+        for name in STEPS
+    }
     return task, cfg, results
 
 
@@ -195,3 +198,93 @@ def test_segmentation_metric_ignores_255_and_counts_the_background():
     assert s.per_class["a"]["iou"] == pytest.approx(0.5)
     assert s.per_class["background"]["iou"] == pytest.approx(11 / 13)
     assert s.score == pytest.approx((0.5 + 11 / 13) / 2)
+
+
+@pytest.mark.slow
+def test_the_service_answers_in_the_original_images_pixels(task_run, tmp_path):
+    """`visionflow serve` on the run's champion (a real uvicorn server): an upload three times as
+    wide and twice as high as the model's input gets its boxes, or its mask, in the upload's own
+    pixels, equal to the registered ONNX file's outputs on the image as evaluation transforms it
+    (scaled back); /v2 infer answers with the task's output tensors."""
+    import base64
+    import io
+    import os
+    import sys
+    from pathlib import Path
+
+    import requests
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from tests.cluster_sim.servers import free_port, start, stop, wait_ok
+    from visionflow.vision.images import Preprocess
+    from visionflow.vision.inference import ort_session
+    from visionflow.vision.tasks import get_task
+
+    task, cfg, r = task_run
+    name, store = r["register"].model_name, open_store(cfg.storage.root)
+    manifest = r["prepare"].manifest
+    shard = manifest["splits"]["test"]["shards"][0]["name"]
+    local = store.get_file(f"datasets/{manifest['id']}/{shard}", tmp_path / shard)
+    with tarfile.open(local) as tar:
+        member = next(
+            n for n in tar.getnames() if n.endswith((".png", ".jpg")) and ".mask." not in n
+        )
+        image = Image.open(tar.extractfile(member)).convert("RGB")
+    size = image.width
+    upload = image.resize((3 * size, 2 * size), Image.NEAREST)
+    buf = io.BytesIO()
+    upload.save(buf, format="PNG")
+    x = Preprocess(OmegaConf.to_container(cfg.transforms.eval), size, task)(upload)
+    src, key = split_uri(r["export"].onnx_uri)
+    reference = get_task(task).ort_predictor(ort_session(src.get_file(key, tmp_path / "m.onnx")))
+
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = start(
+        [str(Path(sys.executable).with_name("visionflow")), "serve", f"{name}@champion",
+         f"tracking.uri={cfg.tracking.uri}", f"workdir={tmp_path}", f"serve.port={port}",
+         "serve.variant=fp32"], env, log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ok(url + "/v2/health/ready", 180, proc, log)
+        got = requests.post(
+            f"{url}/v1/models/{name}:predict", files=[("files", ("up.png", buf.getvalue()))]
+        )
+        assert got.status_code == 200, got.text
+        (pred,) = got.json()["predictions"]
+        assert pred["file"] == "up.png"
+        body = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, *x.shape],
+                            "data": x.ravel().tolist()}]}  # fmt: skip
+        v2 = requests.post(f"{url}/v2/models/{name}/infer", json=body).json()
+    finally:
+        stop(proc)
+
+    classes = r["evaluate"].classes
+    if task == "detection":
+        (ref,) = reference([x])
+        assert len(pred["boxes"]) == len(ref["scores"])
+        scale = np.array([3, 2, 3, 2])
+        for served, box, label, score in zip(
+            pred["boxes"], ref["boxes"], ref["labels"], ref["scores"], strict=True
+        ):
+            assert served["label"] == classes[int(label) - 1]
+            assert served["score"] == pytest.approx(float(score), abs=1e-4)
+            np.testing.assert_allclose(served["box"], np.clip(box * scale, 0, None), atol=0.05)
+        outputs = {o["name"]: o for o in v2["outputs"]}
+        assert set(outputs) == {"boxes", "labels", "scores"}
+        np.testing.assert_allclose(outputs["scores"]["data"], ref["scores"], atol=1e-4)
+    else:
+        logits = reference(x[None])
+        mask = np.array(Image.open(io.BytesIO(base64.b64decode(pred["mask_png"]))))
+        assert mask.shape == (2 * size, 3 * size)  # the upload's height and width
+        expected = np.kron(logits[0].argmax(0), np.ones((2, 3), np.int64))  # nearest, x3 by x2
+        assert (mask == expected).mean() > 0.99
+        shares = pred["class_share"]
+        assert list(shares) == ["background", *classes]
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert shares["background"] == pytest.approx((mask == 0).mean())
+        (out,) = v2["outputs"]
+        assert out["shape"] == list(logits.shape)
+        np.testing.assert_allclose(np.reshape(out["data"], logits.shape), logits, atol=1e-4)
