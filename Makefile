@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
+BENCH_VENV ?= .venv-bench
 ARGS ?=
+# The slowest tests, printed at the end of `make test`: where the suite's time goes.
+PYTEST_ARGS ?= --durations=25
 
 .DEFAULT_GOAL := help
 
@@ -30,6 +33,10 @@ else
 	$(VENV)/bin/visionflow pipeline run $(ARGS)
 endif
 
+MODEL ?= visionflow-shapes@champion
+serve: $(STAMP) ## serve registered versions over HTTP: MODEL=name[@alias|/version] ARGS='serve.port=8080 ...'
+	$(VENV)/bin/visionflow serve $(MODEL) $(ARGS)
+
 cluster-sim: $(STAMP) ## (root) the Helm release and a run from the UI with defaults, on a cluster simulated here
 	$(PY) -m tests.cluster_sim $(ARGS)
 
@@ -43,6 +50,14 @@ $(CHECKOV_VENV)/bin/checkov:
 
 bench: $(STAMP) ## benchmarks: side-by-side comparisons, printed as ratios
 	$(PY) -m benchmarks $(ARGS)
+
+# locust needs a newer requests than kfp's pin: the load generator gets its own venv.
+$(BENCH_VENV)/bin/locust:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q locust==2.47.0
+
+bench-serve: $(STAMP) $(BENCH_VENV)/bin/locust ## visionflow serve vs mlflow models serve under locust; ARGS='--workdir DIR ...'
+	$(PY) -m benchmarks.serve --locust $(BENCH_VENV)/bin/locust $(ARGS)
 
 mlflow-ui: $(STAMP) ## serve the local MLflow store on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.visionflow/mlflow.db --host 127.0.0.1 --port 5000
@@ -75,4 +90,4 @@ e2e: $(STAMP) ## (after kind-up) a tiny pipeline run on the kind cluster with a 
 clean: ## remove local runs, caches and artifacts (.visionflow); keeps .venv
 	rm -rf .visionflow .pytest_cache
 
-.PHONY: help setup test pipeline-run cluster-sim compile bench mlflow-ui lint images kind-up e2e clean
+.PHONY: help setup test pipeline-run serve cluster-sim compile bench bench-serve mlflow-ui lint images kind-up e2e clean

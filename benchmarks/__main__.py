@@ -4,6 +4,7 @@ import argparse
 
 from benchmarks import int8, train_step
 
+# benchmarks.serve (`make bench-serve`) is not here: it needs locust's venv and two servers.
 BENCHES = {"train_step": train_step, "int8": int8}
 
 
