@@ -186,7 +186,10 @@ class ServeConfig:
     variant: str = "auto"  # auto (int8 only where timed faster here at start) | fp32 | int8
     threads: int | None = None  # ONNX Runtime intra-op threads per version (None: the cores)
     max_batch_size: int = 32  # images coalesced into one model call
-    max_delay_ms: float = 2.0  # how long the first image of a batch waits for company
+    # How long the first image of a batch waits for company. 0: none; what queues while the
+    # model runs forms the next batch, so batches grow with load and a lone request waits for
+    # nothing.
+    max_delay_ms: float = 0.0
     queue_size: int = 512  # images waiting per version; past it, 503 with Retry-After
     timeout_s: float = 10.0  # a request not answered by then gets 504
     refresh_s: float = 30.0  # aliases are resolved again this often (0: only at start)

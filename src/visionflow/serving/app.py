@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from visionflow.serving.batcher import Closed, QueueFull
@@ -73,6 +74,39 @@ class InferRequest(BaseModel):
     inputs: list[InferInput] = Field(min_length=1)
     outputs: list[dict[str, Any]] | None = None
     parameters: dict[str, Any] | None = None
+
+
+async def read_infer(request: Request) -> InferRequest:
+    """The body, parsed and checked by pydantic's own JSON parser. FastAPI's declared body would
+    go through `json.loads` first, which is most of a small request's cost: for one 32 px image
+    (3,072 numbers) 2.9 ms against 0.3 ms here, measured on this project's 2-core CI machine."""
+    try:
+        return InferRequest.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise RequestValidationError(err.errors()) from None
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` references written out (for openapi_extra)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+# The infer routes read their body themselves (read_infer); /docs still shows its schema.
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _inlined(InferRequest.model_json_schema())}},
+    }
+}
 
 
 # -- the work of one inference request
@@ -489,17 +523,15 @@ def create_app(
 
         return await service.run(request, "v2_infer", name, version, prepare, answer)
 
-    @app.post("/v2/models/{name}/infer", tags=["v2"])
-    async def model_infer(request: Request, name: str, body: InferRequest) -> JSONResponse:
+    @app.post("/v2/models/{name}/infer", tags=["v2"], openapi_extra=INFER_BODY)
+    async def model_infer(request: Request, name: str) -> JSONResponse:
         """The version MODEL names (or serve.split's arm for the request's X-Visionflow-Key)."""
-        return await infer(request, name, None, body)
+        return await infer(request, name, None, await read_infer(request))
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
-    async def version_infer(
-        request: Request, name: str, version: str, body: InferRequest
-    ) -> JSONResponse:
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], openapi_extra=INFER_BODY)
+    async def version_infer(request: Request, name: str, version: str) -> JSONResponse:
         """That version, loaded on first use."""
-        return await infer(request, name, version, body)
+        return await infer(request, name, version, await read_infer(request))
 
     @app.post("/v1/models/{name}:predict", tags=["v1"])
     async def predict(
@@ -671,6 +703,11 @@ def serve(model: str, overrides: list[str]) -> None:
         )
     )
     log.info("docs at http://%s:%d/docs", serve_cfg.host, serve_cfg.port)
+    # torch and mlflow leave ~600k objects that every full garbage collection walks: half a
+    # second in which every request in flight stalls (it was the p99 under load). Frozen, the
+    # collector leaves them alone.
+    gc.collect()
+    gc.freeze()
     server.run()
     if pool.failed:
         raise RuntimeError(pool.failed)
