@@ -1,4 +1,7 @@
-"""The whole pipeline under kfp.local, as `make pipeline-run` runs it, twice."""
+"""The whole pipeline under kfp.local, as `make pipeline-run` runs it: classification, and
+detection (the task without int8). What differs when int8 is rejected, and segmentation, are
+the same steps in process (tests/unit/test_steps.py, test_tasks.py): a kfp.local run here costs
+about two minutes, mostly its seven processes' imports."""
 
 import json
 from pathlib import Path
@@ -16,7 +19,7 @@ def _summary(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_pipeline_runs_end_to_end_and_registers_a_new_version_each_time(tmp_path):
+def test_pipeline_runs_end_to_end_and_registers_the_model(tmp_path):
     first = _summary(visionflow("pipeline", "run", *TINY, f"workdir={tmp_path}"))
     assert (
         first["model_name"] == "visionflow-shapes"
@@ -33,15 +36,6 @@ def test_pipeline_runs_end_to_end_and_registers_a_new_version_each_time(tmp_path
     verdict = {"int8": "int8 is faster than fp32 on this host", "fp32": "int8 is SLOWER than fp32"}
     assert verdict[first["serve_variant"]] in report.read_text()
 
-    # int8 that loses more than allowed (a bound no model meets) is rejected; the run goes on.
-    strict = "quantize.max_accuracy_drop=-101"
-    second = _summary(visionflow("pipeline", "run", *TINY, f"workdir={tmp_path}", strict))
-    assert second["model_version"] == 2
-    assert second["int8"] == "rejected" and second["int8_rejected"].startswith("int8 rejected:")
-    assert second["int8_accuracy_drop"] is None and second["artifacts"]["onnx_int8"] == ""
-    assert second["champion"] == (second["champion_version"] == 2)
-    assert second["dataset_id"] == first["dataset_id"]  # the same data, prepared once
-
     # What the Kubeflow UI would show: the evaluate step's confusion matrix as ClassificationMetrics.
     outputs = sorted((tmp_path / "kfp").glob("visionflow-training-*/evaluate/executor_output.json"))
     assert outputs
@@ -50,26 +44,17 @@ def test_pipeline_runs_end_to_end_and_registers_a_new_version_each_time(tmp_path
     assert [s["displayName"] for s in matrix["annotationSpecs"]][:2] == ["circle", "square"]
 
 
-@pytest.mark.parametrize(
-    "task, overrides",
-    [
-        ("detection", ["experiment=shapes_detection", "data.num_samples=200"]),
-        ("segmentation", ["experiment=shapes_segmentation", "data.num_samples=200"]),
-    ],
-)
-def test_detection_and_segmentation_run_through_the_pipeline(tmp_path, task, overrides):
+def test_detection_runs_through_the_pipeline(tmp_path):
+    task, overrides = "detection", ["experiment=shapes_detection", "data.num_samples=200"]
     fast = ["trainer.max_epochs=1", "evaluate.min_score=0", "quantize.max_accuracy_drop=100",
             "quantize.bench_repeats=2", "quantize.calibration_samples=32"]  # fmt: skip
     summary = _summary(visionflow("pipeline", "run", *overrides, *fast, f"workdir={tmp_path}"))
-    metric = {"detection": "test_map_50", "segmentation": "test_miou"}[task]
+    metric = "test_map_50"
     assert summary["task"] == task and 0.0 <= summary[metric] <= 1.0
     assert summary["model_name"] == f"visionflow-shapes-{task}" and summary["champion"]
     assert summary["onnx_max_abs_diff"] <= 1e-4
-    if task == "detection":
-        assert summary["int8"] == "unsupported" and summary["int8_rejected"] is None
-        assert summary["artifacts"]["onnx_int8"] == "" and summary["serve_variant"] == "fp32"
-    else:
-        assert summary["int8"] == "stored" and Path(summary["artifacts"]["onnx_int8"]).exists()
+    assert summary["int8"] == "unsupported" and summary["int8_rejected"] is None
+    assert summary["artifacts"]["onnx_int8"] == "" and summary["serve_variant"] == "fp32"
     # What the Kubeflow UI shows for the evaluation: an HTML report with the task's metric.
     report = next((tmp_path / "kfp").glob("visionflow-training-*/evaluate/report"))
     assert f"Test {metric.removeprefix('test_')}" in report.read_text()
