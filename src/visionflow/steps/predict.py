@@ -50,7 +50,6 @@ VARIANTS = ("auto", "fp32", "int8")
 PLAN, BAD_IMAGES, HISTOGRAM_PNG = "_plan.json", "_bad_images.json", "_class_histogram.png"
 SHARD_META = b"visionflow.shard"  # a shard file's footer: its bad images and class counts
 MAX_NAMED = 20  # bad images named in an error message (all of them are in _bad_images.json)
-_BUFFER = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")  # PIL names its buffer: noise
 HISTOGRAM_KIND = {
     "classification": "top-1 predictions per class",
     "detection": "boxes per label",
@@ -320,7 +319,7 @@ def run_shard(loaded, source: Input, keys: list[str], plan: dict[str, Any], batc
         except StorageUnreachable:
             raise  # the store, not the image: the step retries
         except (ImageError, ImageTooLarge, StorageError) as err:
-            return key, None, _BUFFER.sub("", f"{type(err).__name__}: {err}")
+            return key, None, f"{type(err).__name__}: {err}"
         return key, loaded.preprocess(image), image.size
 
     task, top_k = plan["task"], plan["top_k"]

@@ -9,6 +9,7 @@ giving the float [0, 1] CHW array the exported files take; normalisation is insi
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from visionflow.vision.transforms import build_transform
 
 # What a version registered before the spec carried its transform was evaluated with.
 DEFAULT_EVAL = ({"name": "resize"},)
+_BUFFER = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 class ImageError(ValueError):
@@ -51,7 +53,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, ImageTooLarge):
             raise
-        raise ImageError(f"not a decodable image ({type(err).__name__}: {err})") from None
+        said = _BUFFER.sub("", str(err))  # PIL names the in-memory buffer it read: noise
+        raise ImageError(f"not a decodable image ({type(err).__name__}: {said})") from None
     return ImageOps.exif_transpose(image).convert("RGB")
 
 
