@@ -42,23 +42,9 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(executors) == len(tasks)
     containers = spec["deploymentSpec"]["executors"]
-    for name, executor in executors.items():
-        (secret,) = executor["secretAsEnv"]
-        assert secret["secretName"] == pipeline.S3_SECRET
-        envs = {k["envVar"] for e in executor["configMapAsEnv"] for k in e["keyToEnv"]}
-        assert envs == {*pipeline.ENV_KEYS, *pipeline.ENV_OPTIONAL_KEYS}
-        (mount,) = executor["configMapAsVolume"]
-        assert (mount["configMapName"], mount["mountPath"]) == (
-            pipeline.SITE_CONFIG_MAP,
-            pipeline.SITE_MOUNT,
-        )
-        step = name.removeprefix("exec-")
-        resources = containers[name]["container"]["resources"]
-        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest",
-                "resourceMemoryLimit"} <= set(resources), step  # fmt: skip
-        shm = [d for d in executor.get("emptyDirMounts", []) if d["mountPath"] == "/dev/shm"]
-        assert bool(shm) == (step in ("prepare", "evaluate", "export", "quantize")), step
-        assert all(d["medium"] == "Memory" for d in shm)
+    assert_release_wiring(
+        executors, containers, {"exec-prepare", "exec-evaluate", "exec-export", "exec-quantize"}
+    )
     # Only the train step carries the marker that lets cluster.launcher=auto launch a job, and
     # the downward-API names its job's ownerReference needs.
     env = {n: containers[n]["container"].get("env", []) for n in containers}
@@ -122,6 +108,13 @@ def test_batch_inference_pipeline_is_wired_to_the_cluster_like_the_training_one(
     assert "retrying(" in containers["exec-predict"]["container"]["command"][-1]
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == set(containers)
+    assert_release_wiring(executors, containers, {"exec-predict"})
+
+
+def assert_release_wiring(executors: dict, containers: dict, with_shm: set[str]) -> None:
+    """Every step gets the release's env ConfigMap, its cluster config as a file and the S3
+    Secret, by name, and has requests and limits; those in `with_shm` (they load data), and no
+    others, a memory-backed /dev/shm."""
     for name, executor in executors.items():
         (secret,) = executor["secretAsEnv"]
         assert secret["secretName"] == pipeline.S3_SECRET
@@ -136,7 +129,8 @@ def test_batch_inference_pipeline_is_wired_to_the_cluster_like_the_training_one(
         assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest",
                 "resourceMemoryLimit"} <= set(resources), name  # fmt: skip
         shm = [d for d in executor.get("emptyDirMounts", []) if d["mountPath"] == "/dev/shm"]
-        assert bool(shm) == (name == "exec-predict"), name
+        assert bool(shm) == (name in with_shm), name
+        assert all(d["medium"] == "Memory" for d in shm)
 
 
 def test_batch_parameters_become_predict_overrides_and_are_checked():

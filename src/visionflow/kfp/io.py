@@ -92,3 +92,24 @@ def configure_overrides(
         if not unset:
             chosen[name] = (keys[name], value)
     return check_parameters(chosen, [str(o) for o in overrides], run_id or new_run_id())
+
+
+def configure_step(
+    knobs: dict[str, Any],
+    overrides: list[str],
+    run_id: str,
+    pipeline_job: str,
+    keys: dict[str, str] = _KNOBS,
+):
+    """A pipeline's configure step: `configure_overrides` with the run id defaulting to the KFP
+    job's name; a refused parameter ends the step (SystemExit naming it) before anything runs.
+    Returns the checked overrides, the run id and the run's config."""
+    from visionflow.kfp.params import ParameterError, as_dns_label
+
+    try:  # the allow-list of run parameters (README: Run parameters)
+        resolved, run = configure_overrides(
+            knobs, overrides, run_id or as_dns_label(pipeline_job), keys
+        )
+    except ParameterError as err:
+        raise SystemExit(f"configure: {err}") from None
+    return resolved, run, step_config(resolved, run)

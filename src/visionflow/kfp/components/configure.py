@@ -41,22 +41,17 @@ def configure(
         pipeline_job: Filled in by KFP with the pipeline job's name.
         config: The resolved config, for a person to read.
     """
-    from visionflow.kfp.io import configure_overrides, step_config
-    from visionflow.kfp.params import ParameterError, as_dns_label
-
-    try:  # the allow-list of run parameters (README: Run parameters), before anything runs
-        resolved, run = configure_overrides(
-            dict(data=data, data_root=data_root, data_test_root=data_test_root, model=model,
-                 max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-                 min_score=min_score, max_int8_drop=max_int8_drop,
-                 registered_model_name=registered_model_name),
-            overrides, run_id or as_dns_label(pipeline_job),
-        )  # fmt: skip
-    except ParameterError as err:
-        raise SystemExit(f"configure: {err}") from None
     from omegaconf import OmegaConf
 
-    cfg = step_config(resolved, run)
+    from visionflow.kfp.io import configure_step
+
+    resolved, run, cfg = configure_step(
+        dict(data=data, data_root=data_root, data_test_root=data_test_root, model=model,
+             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
+             min_score=min_score, max_int8_drop=max_int8_drop,
+             registered_model_name=registered_model_name),
+        overrides, run_id, pipeline_job,
+    )  # fmt: skip
     with open(config.path, "w") as f:
         f.write(f"# run {run}\n\n```yaml\n{OmegaConf.to_yaml(cfg)}```\n")
     return NamedTuple("Configured", overrides=list, run_id=str)(resolved, run)

@@ -37,23 +37,17 @@ def configure_predict(
         pipeline_job: Filled in by KFP with the pipeline job's name.
         config: The resolved `predict` settings, for a person to read.
     """
-    from visionflow.kfp.io import PREDICT_KNOBS, configure_overrides, step_config
-    from visionflow.kfp.params import ParameterError, as_dns_label
-
-    try:  # the allow-list of run parameters (README: Run parameters), before anything runs
-        resolved, run = configure_overrides(
-            dict(model=model, input=input, output=output, shard_size=shard_size,
-                 batch_size=batch_size, top_k=top_k, max_bad_fraction=max_bad_fraction,
-                 variant=variant),
-            overrides, run_id or as_dns_label(pipeline_job), keys=PREDICT_KNOBS,
-        )  # fmt: skip
-    except ParameterError as err:
-        raise SystemExit(f"configure: {err}") from None
     from omegaconf import OmegaConf
 
+    from visionflow.kfp.io import PREDICT_KNOBS, configure_step
     from visionflow.steps.predict import check_config
 
-    cfg = step_config(resolved, run)
+    resolved, run, cfg = configure_step(
+        dict(model=model, input=input, output=output, shard_size=shard_size,
+             batch_size=batch_size, top_k=top_k, max_bad_fraction=max_bad_fraction,
+             variant=variant),
+        overrides, run_id, pipeline_job, PREDICT_KNOBS,
+    )  # fmt: skip
     check_config(cfg)
     with open(config.path, "w") as f:
         f.write(f"# batch inference run {run}\n\n```yaml\n{OmegaConf.to_yaml(cfg.predict)}```\n")
