@@ -15,6 +15,7 @@ from typing import Any
 from visionflow.storage import ArtifactStore
 
 STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
+MAX_RECORD_BYTES = 64 << 20  # prepare's holds the dataset's manifest
 
 
 def _key(run_id: str, step: str) -> str:
@@ -32,7 +33,7 @@ def load_step(store: ArtifactStore, run_id: str, step: str) -> dict[str, Any]:
         raise LookupError(
             f"run {run_id} has no {step} result in {store.root}: run `visionflow {step} run_id={run_id}` first"
         )
-    return json.loads(store.get_bytes(_key(run_id, step)))
+    return json.loads(store.get_bytes(_key(run_id, step), max_bytes=MAX_RECORD_BYTES))
 
 
 def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, Any]:

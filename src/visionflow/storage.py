@@ -5,6 +5,9 @@ API) through the MinIO SDK, anything else is a local directory. Keys are relativ
 
 Writes are all-or-nothing: a local file is written beside its target and renamed into place,
 and an S3 object appears only when its upload completes. So a reader never sees half a file.
+Files (`put_file`: shards, checkpoints, ONNX and int8 models) carry their SHA-256, in the
+object's metadata (`x-amz-meta-sha256`) or a hidden sidecar (`.<name>.sha256`) locally, and
+`get_file` checks it while downloading: a corrupt copy is refused, never left at the target.
 S3 credentials come only from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
 """
 
@@ -16,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from visionflow.retry import TransientError
@@ -30,17 +33,29 @@ class StorageUnreachable(StorageError, TransientError):
     """The S3 endpoint did not answer (it may later: steps retry this)."""
 
 
+class ChecksumError(StorageError):
+    """A downloaded file does not match the SHA-256 recorded for it: the stored copy is corrupt."""
+
+
+class TooLarge(StorageError):
+    """An object read whole is bigger than the caller's limit."""
+
+
+SIDECAR = ".sha256"  # a local file's checksum: `.<name>.sha256` beside it
+
+
 class ArtifactStore(Protocol):
     root: str
 
     def uri(self, key: str) -> str: ...
     def exists(self, key: str) -> bool: ...
     def put_file(self, local: Path, key: str) -> str: ...
-    def get_file(self, key: str, local: Path) -> Path: ...
+    def get_file(self, key: str, local: Path, sha256: str | None = None) -> Path: ...
     def put_bytes(self, data: bytes, key: str) -> str: ...
-    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def move(self, src: str, dst: str) -> None: ...
 
 
 def sha256_file(path: Path) -> str:
@@ -49,6 +64,30 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _download(src: BinaryIO, target: Path, expected: str | None, uri: str) -> Path:
+    """Copy `src` to `target` atomically, refusing it unless its SHA-256 is `expected` (if given)."""
+
+    def write(dst: BinaryIO) -> None:
+        h = hashlib.sha256()
+        for block in iter(lambda: src.read(1 << 20), b""):
+            h.update(block)
+            dst.write(block)
+        if expected is not None and h.hexdigest() != expected:
+            raise ChecksumError(
+                f"{uri} is corrupt: its SHA-256 is {h.hexdigest()}, {expected} was recorded "
+                "when it was written"
+            )
+
+    _atomic_write(target, write)
+    return target
+
+
+def _check_size(data: bytes, max_bytes: int | None, uri: str) -> bytes:
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLarge(f"{uri} is over {max_bytes:,} bytes: too big to be what it should be")
+    return data
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -77,26 +116,39 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._p(key).is_file()
 
+    def _sidecar(self, key: str) -> Path:
+        path = self._p(key)
+        return path.with_name(f".{path.name}{SIDECAR}")
+
     def put_file(self, local: Path, key: str) -> str:
+        # Without a sidecar a file is read unchecked; with a stale one a good file would be
+        # refused: so the old sidecar goes first and the new one comes after the file.
+        self._sidecar(key).unlink(missing_ok=True)
         with open(local, "rb") as src:
             _atomic_write(self._p(key), lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
+        self._sidecar(key).write_text(sha256_file(local) + "\n")
         return self.uri(key)
 
-    def get_file(self, key: str, local: Path) -> Path:
+    def get_file(self, key: str, local: Path, sha256: str | None = None) -> Path:
         if not self.exists(key):
             raise StorageError(f"not in the artifact store: {self.uri(key)}")
+        sidecar = self._sidecar(key)
+        if sha256 is None and sidecar.is_file():
+            sha256 = sidecar.read_text().strip()
         with open(self._p(key), "rb") as src:
-            _atomic_write(Path(local), lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
-        return Path(local)
+            return _download(src, Path(local), sha256, self.uri(key))
 
     def put_bytes(self, data: bytes, key: str) -> str:
         _atomic_write(self._p(key), lambda dst: dst.write(data))
         return self.uri(key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         if not self.exists(key):
             raise StorageError(f"not in the artifact store: {self.uri(key)}")
-        return self._p(key).read_bytes()
+        with open(self._p(key), "rb") as f:
+            return _check_size(
+                f.read(max_bytes + 1 if max_bytes is not None else -1), max_bytes, self.uri(key)
+            )
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._p(prefix)
@@ -106,11 +158,22 @@ class LocalStore:
         return sorted(
             str(p.relative_to(self.path))
             for p in files
-            if p.is_file() and not p.name.endswith(".part")
+            if p.is_file()
+            and not p.name.endswith(".part")
+            and not (p.name.startswith(".") and p.name.endswith(SIDECAR))
         )
 
     def delete(self, key: str) -> None:
         self._p(key).unlink(missing_ok=True)
+        self._sidecar(key).unlink(missing_ok=True)
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename `src` to `dst` (replacing it), checksum included."""
+        self._p(dst).parent.mkdir(parents=True, exist_ok=True)
+        self._sidecar(dst).unlink(missing_ok=True)
+        os.replace(self._p(src), self._p(dst))
+        if self._sidecar(src).is_file():
+            os.replace(self._sidecar(src), self._sidecar(dst))
 
 
 class S3Store:
@@ -187,33 +250,34 @@ class S3Store:
             raise
 
     def put_file(self, local: Path, key: str) -> str:
-        self._client.fput_object(self.bucket, self._k(key), str(local))
+        metadata = {"sha256": sha256_file(local)}  # sent as x-amz-meta-sha256
+        self._client.fput_object(self.bucket, self._k(key), str(local), metadata=metadata)
         return self.uri(key)
 
-    def get_file(self, key: str, local: Path) -> Path:
-        local = Path(local)
+    def get_file(self, key: str, local: Path, sha256: str | None = None) -> Path:
         try:
             data = self._client.get_object(self.bucket, self._k(key))
         except self._S3Error as err:
             raise StorageError(f"cannot read {self.uri(key)}: {err.code}") from None
         try:
-            _atomic_write(local, lambda dst: shutil.copyfileobj(data, dst, 1 << 20))
+            expected = sha256 or data.headers.get("x-amz-meta-sha256")
+            return _download(data, Path(local), expected, self.uri(key))
         finally:
             data.close()
             data.release_conn()
-        return local
 
     def put_bytes(self, data: bytes, key: str) -> str:
         self._client.put_object(self.bucket, self._k(key), io.BytesIO(data), len(data))
         return self.uri(key)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
             resp = self._client.get_object(self.bucket, self._k(key))
         except self._S3Error as err:
             raise StorageError(f"cannot read {self.uri(key)}: {err.code}") from None
         try:
-            return resp.read()
+            data = resp.read(max_bytes + 1 if max_bytes is not None else None)
+            return _check_size(data, max_bytes, self.uri(key))
         finally:
             resp.close()
             resp.release_conn()
@@ -226,6 +290,13 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._client.remove_object(self.bucket, self._k(key))
+
+    def move(self, src: str, dst: str) -> None:
+        """Copy `src` to `dst` in the server (metadata included), then delete `src`."""
+        from minio.commonconfig import CopySource
+
+        self._client.copy_object(self.bucket, self._k(dst), CopySource(self.bucket, self._k(src)))
+        self._client.remove_object(self.bucket, self._k(src))
 
 
 def open_store(root: str, endpoint: str | None = None) -> ArtifactStore:

@@ -42,6 +42,8 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     max_bad_fraction: float = 0.05  # prepare fails when more of the source is unreadable
+    # prepare rejects a larger image from its header, before decoding it (decompression bombs)
+    max_image_pixels: int = 40_000_000
     samples_per_shard: int = 2000
     batch_size: int = 128
     num_workers: int = 0

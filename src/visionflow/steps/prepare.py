@@ -5,24 +5,35 @@ from __future__ import annotations
 import io
 import json
 import logging
+import secrets
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 
 from visionflow.core.factories import datamodule_class
 from visionflow.runs import save_step
-from visionflow.storage import open_store, sha256_file
+from visionflow.storage import ArtifactStore, open_store, sha256_file
 from visionflow.vision.data.datamodules import RawSample
-from visionflow.vision.data.shards import IMAGE_EXTS, MANIFEST, SPLITS, dataset_prefix, manifest_id
+from visionflow.vision.data.shards import (
+    IMAGE_EXTS,
+    MANIFEST,
+    SPLITS,
+    CorruptDataset,
+    dataset_prefix,
+    load_manifest,
+    manifest_id,
+)
+from visionflow.vision.images import ImageTooLarge, decode_image
 
 log = logging.getLogger("visionflow.prepare")
+STAGING = "datasets/incoming"  # shards of a prepare in progress, before its dataset id is known
 
 
 class PrepareError(RuntimeError):
@@ -38,7 +49,15 @@ class PrepareResult:
 
 
 def prepare(cfg) -> PrepareResult:
-    """Read, validate, split and shard `cfg.data`; write shards then the manifest."""
+    """Read, validate, split and shard `cfg.data`; write shards then the manifest.
+
+    Each shard goes to the store as soon as it is full, into a staging prefix (the dataset's id
+    is the hash of a manifest that lists every shard's hash, so it is known only at the end), and
+    its local copy is deleted: local disk holds a few shards, not the dataset. At the end the
+    shards move under `datasets/<id>/` and the manifest is written last, so a dataset without
+    one is incomplete and never read. Preparing a dataset that is already stored rewrites its
+    shards and, if it was changed, its manifest: that is how a corrupt stored dataset is repaired.
+    """
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
     data = cfg.data
     source = datamodule_class(data.name)
@@ -48,8 +67,13 @@ def prepare(cfg) -> PrepareResult:
         raise PrepareError(f"no samples in {data.root or data.name}")
     splits = assign_splits(samples, data.val_fraction, data.test_fraction, cfg.seed)
 
-    with tempfile.TemporaryDirectory(prefix="visionflow-prepare-") as tmp:
-        shards, counts, bad = _write_shards(samples, splits, Path(tmp), data.samples_per_shard)
+    staging = f"{STAGING}/{cfg.run_id}-{secrets.token_hex(4)}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="visionflow-prepare-") as tmp:
+            shards, counts, bad = _write_shards(
+                samples, splits, Path(tmp), data.samples_per_shard, data.max_image_pixels,
+                upload=lambda path: store.put_file(path, f"{staging}/{path.name}"),
+            )  # fmt: skip
         share = len(bad) / len(samples)
         if share > data.max_bad_fraction:
             shown = "; ".join(f"{b['source']}: {b['reason']}" for b in bad[:5])
@@ -85,16 +109,13 @@ def prepare(cfg) -> PrepareResult:
         manifest["id"] = dataset_id = manifest_id(manifest)
         manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         prefix = dataset_prefix(dataset_id)
-        reused = store.exists(f"{prefix}/{MANIFEST}")
-        if reused:
-            log.info("dataset %s is already in %s; reusing it", dataset_id, store.root)
-            manifest = json.loads(store.get_bytes(f"{prefix}/{MANIFEST}"))
-        else:
-            for split in SPLITS:
-                for shard in shards[split]:
-                    store.put_file(Path(tmp) / shard["name"], f"{prefix}/{shard['name']}")
-            # The manifest goes last: a dataset without one is incomplete and never read.
-            store.put_bytes(json.dumps(manifest, indent=2).encode(), f"{prefix}/{MANIFEST}")
+        for split in SPLITS:
+            for shard in shards[split]:
+                store.move(f"{staging}/{shard['name']}", f"{prefix}/{shard['name']}")
+        manifest, reused = _stored_manifest(store, manifest)
+    finally:
+        for key in store.list(staging):  # what a failed prepare staged
+            store.delete(key)
     manifest["uri"] = store.uri(prefix)
     log.info(
         "dataset %s: %s; %d bad files skipped",
@@ -105,6 +126,24 @@ def prepare(cfg) -> PrepareResult:
     result = PrepareResult(dataset_id, store.uri(prefix), manifest, reused)
     save_step(store, cfg.run_id, "prepare", result)
     return result
+
+
+def _stored_manifest(store: ArtifactStore, manifest: dict[str, Any]) -> tuple[dict, bool]:
+    """(the stored manifest, True) if the dataset was stored intact, else (`manifest`, False)
+    once written: the manifest goes last, after the shards it lists."""
+    dataset_id = manifest["id"]
+    key = f"{dataset_prefix(dataset_id)}/{MANIFEST}"
+    if store.exists(key):
+        try:
+            stored = load_manifest(store, dataset_id)
+            log.info(
+                "dataset %s is already in %s; its shards are rewritten", dataset_id, store.root
+            )
+            return stored, True
+        except CorruptDataset as err:
+            log.warning("%s; writing it again", err)
+    store.put_bytes(json.dumps(manifest, indent=2).encode(), key)
+    return manifest, False
 
 
 def assign_splits(
@@ -135,7 +174,7 @@ def assign_splits(
     return out
 
 
-def _validate(sample: RawSample) -> tuple[bytes, str]:
+def _validate(sample: RawSample, max_pixels: int) -> tuple[bytes, str]:
     """The sample's bytes and extension, or ValueError saying why it is unusable."""
     if sample.label is None:
         raise ValueError("no class: not inside a class folder, or a class the training data lacks")
@@ -144,21 +183,33 @@ def _validate(sample: RawSample) -> tuple[bytes, str]:
     except Exception as err:  # unreadable source object: report it, don't stop
         raise ValueError(f"unreadable: {err}") from None
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()  # decodes everything: truncated files fail here
-            if sample.ext in IMAGE_EXTS:
-                return raw, sample.ext
-            buf = io.BytesIO()  # a format PIL reads but the shards don't carry: store as PNG
-            im.convert("RGB").save(buf, format="PNG")
-            return buf.getvalue(), "png"
-    except Exception as err:
-        raise ValueError(f"not a decodable image ({type(err).__name__}: {err})") from None
+        image = decode_image(raw, max_pixels)  # decodes everything: truncated files fail here
+    except ImageTooLarge as err:
+        raise ValueError(f"too large: {err} (data.max_image_pixels)") from None
+    if sample.ext in IMAGE_EXTS:
+        return raw, sample.ext
+    buf = io.BytesIO()  # a format PIL reads but the shards don't carry: store as PNG
+    image.save(buf, format="PNG")
+    return buf.getvalue(), "png"
 
 
-def _write_shards(samples, splits, tmp: Path, per_shard: int):
+def _write_shards(
+    samples, splits, tmp: Path, per_shard: int, max_pixels: int, upload: Callable[[Path], Any]
+):
+    """Shards of the valid samples, each handed to `upload` once full and then deleted."""
+    shards: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+
+    def done(fname: str) -> None:
+        path = Path(fname)
+        shards[path.name.split("-")[0]].append(
+            {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        )
+        upload(path)
+        path.unlink()
+
     writers = {
         split: wds.ShardWriter(
-            str(tmp / f"{split}-%05d.tar"), maxcount=per_shard, verbose=0, mtime=0
+            str(tmp / f"{split}-%05d.tar"), maxcount=per_shard, verbose=0, mtime=0, post=done
         )
         for split in SPLITS
     }
@@ -168,7 +219,7 @@ def _write_shards(samples, splits, tmp: Path, per_shard: int):
     try:
         for i, (sample, split) in enumerate(zip(samples, splits, strict=True)):
             try:
-                data, ext = _validate(sample)
+                data, ext = _validate(sample, max_pixels)
             except ValueError as err:
                 bad.append({"source": sample.source, "reason": str(err)})
                 continue
@@ -189,10 +240,4 @@ def _write_shards(samples, splits, tmp: Path, per_shard: int):
     finally:
         for w in writers.values():
             w.close()
-    shards = {split: [] for split in SPLITS}
-    for path in sorted(tmp.glob("*.tar")):
-        split = path.name.split("-")[0]
-        shards[split].append(
-            {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-        )
     return shards, counts, bad

@@ -8,15 +8,19 @@ The official test batch is the fixed test split; val is carved from the training
 `data.max_samples` subsamples the training batches only (evenly over the classes, fixed by
 seed): the test split always stays whole, so test results compare across subset sizes.
 
-The batches are Python pickles, which can run code when loaded (torchvision reads them the
-same way): point `data.root` only at copies you trust.
+The batches are Python pickles, and a pickle can name any function to call while it loads.
+`data.root` may be a bucket others can write, so they are read with an unpickler that admits
+only what the real files hold (numpy arrays, lists, dicts, strings, bytes): anything else is
+refused before it runs.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import logging
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +30,7 @@ from visionflow.storage import ArtifactStore, split_uri
 from visionflow.vision.data.datamodules import RawSample, ShardDataModule, png_bytes
 
 log = logging.getLogger("visionflow.prepare")
+MAX_BATCH_BYTES = 512 << 20  # CIFAR-100's training batch, the largest, is about 150 MB
 
 
 @dataclass(frozen=True)
@@ -173,9 +178,49 @@ def _join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
 
 
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it for bytes, for no other codec."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode(..., {encoding!r})")
+    return codecs.encode(text, "latin1")
+
+
+_reconstruct = np.empty(0).__reduce__()[0]  # what an ndarray pickles as its constructor
+# The only globals a CIFAR batch names: numpy's array reconstruction (under its numpy 1 and
+# numpy 2 module names), and the bytes encoding of pickles written by Python 3 at protocol 2.
+_ALLOWED: dict[tuple[str, str], Callable | type] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches only: any global outside `_ALLOWED` is refused, uncalled."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name}: a CIFAR batch holds only numpy arrays, lists, dicts, "
+                "strings and bytes"
+            ) from None
+
+
 def _unpickle(store: ArtifactStore, key: str) -> dict:
     # The archives were pickled by Python 2: keys and strings come back as bytes.
-    return pickle.loads(store.get_bytes(key), encoding="bytes")
+    data = store.get_bytes(key, max_bytes=MAX_BATCH_BYTES)
+    unpickler = BatchUnpickler(io.BytesIO(data), encoding="bytes")
+    try:
+        batch = unpickler.load()
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(f"{store.uri(key)} is not a CIFAR batch: {err}") from None
+    if not isinstance(batch, dict):
+        raise pickle.UnpicklingError(f"{store.uri(key)} is not a CIFAR batch: not a dict")
+    return batch
 
 
 def _images(batches: list[tuple[str, dict]], labels_key: bytes):

@@ -9,6 +9,11 @@ and exact epoch lengths work as with any Dataset).
 The manifest (`manifest.json`, beside the shards) records counts, classes, the sha256 of every
 shard and the files that prepare rejected. A dataset's id is the hash of its manifest, and it is
 stored under `datasets/<id>/`: content-addressed, so the same data is written once.
+
+Nothing read from the store is trusted: a manifest must hash to its id, its id and shard names
+must be plain names (they become local paths), and a shard must match its manifest hash before
+it enters the local cache. A verified shard is marked as such (its hash, size and mtime in
+`.<name>.verified` beside it), so each machine hashes it once, not on every read.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +32,20 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from visionflow.storage import ArtifactStore, StorageError, sha256_file
+from visionflow.storage import ArtifactStore, ChecksumError, StorageError, sha256_file
 from visionflow.vision.images import decode_image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+MAX_MANIFEST_BYTES = 64 << 20  # ImageNet's is about 1 MB; the bad-file list is what grows
+_DATASET_ID = re.compile(r"[0-9a-f]{20}")
+_SHARD_NAME = re.compile(r"(train|val|test)-[0-9]{5,}\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class CorruptDataset(StorageError):
+    """A stored dataset does not match its id or its manifest: preparing it again repairs it."""
 
 
 def manifest_id(manifest: dict[str, Any]) -> str:
@@ -44,34 +58,91 @@ def dataset_prefix(dataset_id: str) -> str:
     return f"datasets/{dataset_id}"
 
 
+def check_dataset_id(dataset_id: str) -> str:
+    """`dataset_id` if it is one (20 hex digits), else ValueError: it names local paths."""
+    if not isinstance(dataset_id, str) or not _DATASET_ID.fullmatch(dataset_id):
+        raise ValueError(f"{dataset_id!r} is not a dataset id (20 hexadecimal digits)")
+    return dataset_id
+
+
 def load_manifest(store: ArtifactStore, dataset_id: str) -> dict[str, Any]:
-    key = f"{dataset_prefix(dataset_id)}/{MANIFEST}"
+    """The manifest of dataset `dataset_id`, checked against its id and its shards' names.
+
+    Raises CorruptDataset when it was changed after prepare wrote it.
+    """
+    key = f"{dataset_prefix(check_dataset_id(dataset_id))}/{MANIFEST}"
     if not store.exists(key):
         raise StorageError(
             f"no dataset {dataset_id} in {store.root}: run `visionflow prepare` first "
             "(a dataset without a manifest is incomplete and never used)"
         )
-    return json.loads(store.get_bytes(key))
+    manifest = json.loads(store.get_bytes(key, max_bytes=MAX_MANIFEST_BYTES))
+    if manifest.get("id") != dataset_id or manifest_id(manifest) != dataset_id:
+        raise CorruptDataset(
+            f"the manifest of dataset {dataset_id} ({store.uri(key)}) does not hash to its id: "
+            "it was changed after prepare wrote it. Prepare the dataset again to restore it"
+        )
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            if not (_SHARD_NAME.fullmatch(shard["name"]) and _SHA256.fullmatch(shard["sha256"])):
+                raise CorruptDataset(
+                    f"dataset {dataset_id} lists a shard {shard['name']!r} (sha256 "
+                    f"{shard['sha256']!r}): not a shard prepare writes"
+                )
+    return manifest
 
 
 def fetch_shards(
     store: ArtifactStore, manifest: dict[str, Any], split: str, cache_dir: Path
 ) -> list[Path]:
-    """Local copies of a split's shards, downloaded once and checked against the manifest."""
-    local_dir = Path(cache_dir) / manifest["id"]
+    """Local copies of a split's shards (from `load_manifest`), each verified once per machine.
+
+    Raises CorruptDataset when a stored shard does not match its manifest hash.
+    """
+    dataset_id = check_dataset_id(manifest["id"])
+    local_dir = Path(cache_dir) / dataset_id
     paths = []
     for shard in manifest["splits"][split]["shards"]:
         local = local_dir / shard["name"]
-        if not (local.is_file() and sha256_file(local) == shard["sha256"]):
-            store.get_file(f"{dataset_prefix(manifest['id'])}/{shard['name']}", local)
-            if sha256_file(local) != shard["sha256"]:
-                local.unlink()
-                raise StorageError(
-                    f"shard {shard['name']} of dataset {manifest['id']} does not match its "
-                    "manifest hash: the stored dataset is corrupt; prepare it again"
-                )
+        if not _verified(local, shard["sha256"]):
+            key = f"{dataset_prefix(dataset_id)}/{shard['name']}"
+            try:
+                store.get_file(key, local, sha256=shard["sha256"])
+            except ChecksumError:
+                raise CorruptDataset(
+                    f"shard {shard['name']} of dataset {dataset_id} ({store.uri(key)}) does not "
+                    "match its manifest hash: the stored copy is corrupt. Run `visionflow "
+                    "prepare` on the same data again: it rewrites the dataset's shards"
+                ) from None
+            _mark_verified(local, shard["sha256"])
         paths.append(local)
     return paths
+
+
+def _marker(local: Path) -> Path:
+    return local.with_name(f".{local.name}.verified")
+
+
+def _stamp(local: Path, sha256: str) -> str:
+    st = local.stat()
+    return f"{sha256} {st.st_size} {st.st_mtime_ns}"
+
+
+def _verified(local: Path, sha256: str) -> bool:
+    """Whether `local` holds the shard of hash `sha256`: hashed only when not yet marked."""
+    if not local.is_file():
+        return False
+    marker = _marker(local)
+    if marker.is_file() and marker.read_text() == _stamp(local, sha256):
+        return True
+    if sha256_file(local) != sha256:
+        return False
+    _mark_verified(local, sha256)
+    return True
+
+
+def _mark_verified(local: Path, sha256: str) -> None:
+    _marker(local).write_text(_stamp(local, sha256))
 
 
 @dataclass(frozen=True)
