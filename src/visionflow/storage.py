@@ -55,7 +55,7 @@ class ArtifactStore(Protocol):
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
-    def move(self, src: str, dst: str) -> None: ...
+    def copy(self, src: str, dst: str) -> None: ...
 
 
 def sha256_file(path: Path) -> str:
@@ -167,13 +167,13 @@ class LocalStore:
         self._p(key).unlink(missing_ok=True)
         self._sidecar(key).unlink(missing_ok=True)
 
-    def move(self, src: str, dst: str) -> None:
-        """Rename `src` to `dst` (replacing it), checksum included."""
-        self._p(dst).parent.mkdir(parents=True, exist_ok=True)
+    def copy(self, src: str, dst: str) -> None:
+        """Copy `src` to `dst` (replacing it), checksum included."""
         self._sidecar(dst).unlink(missing_ok=True)
-        os.replace(self._p(src), self._p(dst))
+        with open(self._p(src), "rb") as f:
+            _atomic_write(self._p(dst), lambda out: shutil.copyfileobj(f, out, 1 << 20))
         if self._sidecar(src).is_file():
-            os.replace(self._sidecar(src), self._sidecar(dst))
+            shutil.copyfile(self._sidecar(src), self._sidecar(dst))
 
 
 class S3Store:
@@ -291,12 +291,11 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._client.remove_object(self.bucket, self._k(key))
 
-    def move(self, src: str, dst: str) -> None:
-        """Copy `src` to `dst` in the server (metadata included), then delete `src`."""
+    def copy(self, src: str, dst: str) -> None:
+        """Copy `src` to `dst` in the server, metadata (the checksum) included."""
         from minio.commonconfig import CopySource
 
         self._client.copy_object(self.bucket, self._k(dst), CopySource(self.bucket, self._k(src)))
-        self._client.remove_object(self.bucket, self._k(src))
 
 
 def open_store(root: str, endpoint: str | None = None) -> ArtifactStore:

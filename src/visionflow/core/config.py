@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -265,6 +266,9 @@ def config_dir() -> Path:
     raise ConfigError("visionflow's configs are missing: set VISIONFLOW_CONFIG_DIR")
 
 
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -318,6 +322,12 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError(_one_paragraph(err)) from None
     if not cfg.run_id:
         cfg.run_id = new_run_id()
+    if not _RUN_ID.fullmatch(cfg.run_id):
+        raise ConfigError(
+            f"run_id {cfg.run_id!r} refused: it names paths in the store, so it must be one plain "
+            "name (letters, digits, '.', '_' and '-', starting with a letter or digit, at most "
+            "128 characters)"
+        )
     return cfg
 
 

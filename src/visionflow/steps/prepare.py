@@ -54,7 +54,7 @@ def prepare(cfg) -> PrepareResult:
     Each shard goes to the store as soon as it is full, into a staging prefix (the dataset's id
     is the hash of a manifest that lists every shard's hash, so it is known only at the end), and
     its local copy is deleted: local disk holds a few shards, not the dataset. At the end the
-    shards move under `datasets/<id>/` and the manifest is written last, so a dataset without
+    shards are copied under `datasets/<id>/` (in the server, for S3) and the manifest is written last, so a dataset without
     one is incomplete and never read. Preparing a dataset that is already stored rewrites its
     shards and, if it was changed, its manifest: that is how a corrupt stored dataset is repaired.
     """
@@ -111,10 +111,10 @@ def prepare(cfg) -> PrepareResult:
         prefix = dataset_prefix(dataset_id)
         for split in SPLITS:
             for shard in shards[split]:
-                store.move(f"{staging}/{shard['name']}", f"{prefix}/{shard['name']}")
+                store.copy(f"{staging}/{shard['name']}", f"{prefix}/{shard['name']}")
         manifest, reused = _stored_manifest(store, manifest)
     finally:
-        for key in store.list(staging):  # what a failed prepare staged
+        for key in store.list(staging):
             store.delete(key)
     manifest["uri"] = store.uri(prefix)
     log.info(

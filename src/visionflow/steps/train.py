@@ -6,12 +6,14 @@ Checkpoints (`last.ckpt` every epoch and every `train.checkpoint_every_n_steps` 
 stored file only once complete, so a kill mid-upload leaves the previous one). Rerunning with
 the same run id downloads `last.ckpt` and continues from its step, mid-epoch if it was saved
 there: the rest of that epoch's batches in the same order, optimizer, LR schedule and step count
-as they were (`vision/data/resumable.py`).
+as they were (`vision/data/resumable.py`). A `last.ckpt` that fails its checksum or does not
+load is skipped with a warning, for the one it replaced (`last-prev.ckpt`), then `best.ckpt`.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from visionflow.core.factories import (
     task_of,
 )
 from visionflow.runs import load_step, save_step
-from visionflow.storage import ArtifactStore, open_store
+from visionflow.storage import ArtifactStore, ChecksumError, StorageError, open_store
 from visionflow.vision.modules import MODULES
 
 log = logging.getLogger("visionflow.train")
@@ -57,20 +59,33 @@ class TrainResult:
     world_size: int = 1
 
 
+LAST, PREVIOUS, BEST = "last.ckpt", "last-prev.ckpt", "best.ckpt"
+
+
 def checkpoint_prefix(run_id: str) -> str:
     return f"checkpoints/{run_id}"
 
 
 class StoreCheckpointIO(TorchCheckpointIO):
-    """Saves checkpoints locally as usual, then copies each one to the artifact store."""
+    """Saves checkpoints locally as usual, then copies each one to the artifact store.
+
+    A new `last.ckpt` first copies the stored one to `last-prev.ckpt`, for resuming should the
+    new one be corrupt; only one this process uploaded, so a corrupt one resumed past is not
+    kept in place of a good previous one.
+    """
 
     def __init__(self, store: ArtifactStore, prefix: str) -> None:
         super().__init__()
         self.store, self.prefix = store, prefix
+        self._uploaded: set[str] = set()
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
-        self.store.put_file(Path(path), f"{self.prefix}/{Path(path).name}")
+        name = Path(path).name
+        if name == LAST and LAST in self._uploaded:
+            self.store.copy(f"{self.prefix}/{LAST}", f"{self.prefix}/{PREVIOUS}")
+        self.store.put_file(Path(path), f"{self.prefix}/{name}")
+        self._uploaded.add(name)
 
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
@@ -105,15 +120,14 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
 
     prefix = checkpoint_prefix(cfg.run_id)
     local_dir = Path(cfg.workdir) / "runs" / cfg.run_id / "checkpoints"
-    resume_from = _download_checkpoints(store, prefix, local_dir)
+    resume_from, saved = _resume_point(store, prefix, local_dir)
     resumed_step = None
     if resume_from is not None:
-        saved = torch.load(resume_from, map_location="cpu", weights_only=True)
         resumed_step = int(saved["global_step"])
         log.info(
             "resuming run %s from %s at step %d%s",
             cfg.run_id,
-            store.uri(f"{prefix}/last.ckpt"),
+            store.uri(f"{prefix}/{resume_from.name}"),
             resumed_step,
             _epoch_position(saved, dm),
         )
@@ -188,14 +202,42 @@ def train_anywhere(cfg, overrides: list[str], dataset_id: str | None = None) -> 
     return train(cfg, dataset_id)
 
 
-def _download_checkpoints(store: ArtifactStore, prefix: str, local_dir: Path) -> Path | None:
-    """Fetch last.ckpt (and best.ckpt, which resuming refers to) if this run saved them."""
-    if not store.exists(f"{prefix}/last.ckpt"):
-        return None
-    for name in ("best.ckpt", "last.ckpt"):
-        if store.exists(f"{prefix}/{name}"):
-            store.get_file(f"{prefix}/{name}", local_dir / name)
-    return local_dir / "last.ckpt"
+def _resume_point(
+    store: ArtifactStore, prefix: str, local_dir: Path
+) -> tuple[Path | None, dict[str, Any]]:
+    """(local copy, contents) of the newest intact checkpoint of the run, or (None, {}).
+
+    Tries last.ckpt, then last-prev.ckpt, then best.ckpt, warning for each one that is corrupt.
+    best.ckpt is fetched either way: resuming refers to it.
+    """
+    stored = [name for name in (LAST, PREVIOUS, BEST) if store.exists(f"{prefix}/{name}")]
+    if not stored:
+        return None, {}
+    if BEST in stored and not _fetch(store, f"{prefix}/{BEST}", local_dir / BEST):
+        stored.remove(BEST)
+    for name in stored:
+        local = local_dir / name
+        if name != BEST and not _fetch(store, f"{prefix}/{name}", local):
+            continue
+        try:
+            return local, torch.load(local, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+            log.warning(
+                "cannot resume from %s: it does not load (%s)", store.uri(f"{prefix}/{name}"), err
+            )
+    raise StorageError(
+        f"no checkpoint of this run in {store.uri(prefix)} is intact: train under a new run_id"
+    )
+
+
+def _fetch(store: ArtifactStore, key: str, local: Path) -> bool:
+    """Download `key` to `local`; False, with a warning, if the stored copy is corrupt."""
+    try:
+        store.get_file(key, local)
+        return True
+    except ChecksumError as err:
+        log.warning("%s: not resuming from it", err)
+        return False
 
 
 def _epoch_position(checkpoint: dict[str, Any], dm) -> str:
