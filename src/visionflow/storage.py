@@ -166,6 +166,13 @@ class LocalStore:
     def delete(self, key: str) -> None:
         self._p(key).unlink(missing_ok=True)
         self._sidecar(key).unlink(missing_ok=True)
+        for parent in self._p(key).parents:  # keys, not folders: none is left empty
+            if parent == self.path:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or gone)
+                break
 
     def copy(self, src: str, dst: str) -> None:
         """Copy `src` to `dst` (replacing it), checksum included."""

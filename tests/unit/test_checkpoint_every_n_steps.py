@@ -26,6 +26,7 @@ from visionflow.storage import LocalStore
 from visionflow.vision.data.cached import BatchAugment, DeviceBatches
 from visionflow.vision.data.datamodules import ShardDataModule
 from visionflow.vision.data.resumable import EpochOrder, ShardBatches
+from visionflow.vision.data.shards import manifest_id
 
 
 class Indexed(Dataset):
@@ -164,11 +165,12 @@ class IndexedData(ShardDataModule):
     def __init__(self, tmp_path: Path, cache: str) -> None:
         store = LocalStore(tmp_path / "store")
         splits = {s: {"shards": []} for s in ("train", "val", "test")}
-        manifest = {"id": "fake", "classes": ["a", "b"], "image_size": 6, "splits": splits}
-        store.put_bytes(json.dumps(manifest).encode(), "datasets/fake/manifest.json")
+        manifest = {"classes": ["a", "b"], "image_size": 6, "splits": splits}
+        manifest["id"] = dataset_id = manifest_id(manifest)  # what reading it checks
+        store.put_bytes(json.dumps(manifest).encode(), f"datasets/{dataset_id}/manifest.json")
         augment = BatchAugment(translate=1, flip_p=0.5) if cache != "none" else None
-        super().__init__(store, "fake", tmp_path / "cache", batch_size=4, cache=cache, seed=5,
-                         batch_augment=augment)  # fmt: skip
+        super().__init__(store, dataset_id, tmp_path / "cache", batch_size=4, cache=cache,
+                         seed=5, batch_augment=augment)  # fmt: skip
 
     def dataset(self, split: str):
         return Indexed(30 if split == "train" else 8)
