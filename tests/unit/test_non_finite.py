@@ -6,17 +6,18 @@ import torch
 
 from visionflow.steps.evaluate import EvaluateError, evaluate
 from visionflow.steps.export import ExportError, export
-from visionflow.storage import split_uri
+from visionflow.storage import open_store, split_uri
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_model_fails_evaluation_and_export(tiny_run, tmp_path, value):
     cfg, r = tiny_run
-    store, key = split_uri(r["train"].checkpoint_uri)
-    ckpt = torch.load(store.get_file(key, tmp_path / "best.ckpt"), weights_only=True)
+    source, key = split_uri(r["train"].checkpoint_uri)
+    ckpt = torch.load(source.get_file(key, tmp_path / "best.ckpt"), weights_only=True)
     head = next(k for k in reversed(ckpt["state_dict"]) if k.endswith("weight"))
     ckpt["state_dict"][head].fill_(value)  # the classifier's last layer
     torch.save(ckpt, tmp_path / "broken.ckpt")
+    store = open_store(cfg.storage.root)
     broken = store.put_file(tmp_path / "broken.ckpt", f"broken/{value}.ckpt")
     before = (
         store.get_bytes("runs/tiny-1/evaluate.json"),
