@@ -41,7 +41,7 @@ def _holder(client, name, alias="champion") -> int:
 def test_the_best_eligible_version_on_the_same_split_holds_the_alias(store):
     _, client = store
     name = "sequence"
-    assert "first eligible version" in _register(client, name, 0.5)
+    assert "no champion before it" in _register(client, name, 0.5)
     assert _holder(client, name) == 1
     assert "beats champion v1 (0.5000)" in _register(client, name, 0.7)
     assert _holder(client, name) == 2
@@ -115,7 +115,7 @@ def test_register_records_the_split_and_ties_keep_the_champion(tiny_run):
     cfg, _ = tiny_run
     cfg = OmegaConf.merge(cfg, {"register": {"model_name": "visionflow-champion-test"}})
     first, again = register.register(cfg), register.register(cfg)
-    assert first.champion and first.reason.endswith("the first eligible version on this test split")
+    assert first.champion and first.reason.endswith("no champion before it")
     assert not again.champion and "does not beat champion v1" in again.reason
     failed = register.register(cfg, gate_passed=False)
     assert not failed.champion and failed.champion_version == 1

@@ -276,7 +276,7 @@ def _ineligible(version) -> str | None:
     if tags.get("gate") == "failed":
         return f"quality gate failed (test {metric} below {tags.get('gate_min_score')})"
     if tags.get("gate") not in ("passed", "disabled"):
-        return "no quality gate verdict recorded (registered before gates were; register again)"
+        return "no `gate` tag: registered before the gate's verdict was recorded so"
     if not math.isfinite(score := _score(version)):
         return f"test {metric} is {score}, not a finite score"
     return None
@@ -290,7 +290,12 @@ def _incomparable(version, other) -> str | None:
         b.get("classes"),
     ):
         return f"v{other.version} is another task or predicts other classes"
-    if a.get("test_split") is None or a.get("test_split") != b.get("test_split"):
+    if b.get("test_split") is None:
+        return (
+            f"v{other.version} has no recorded test split (registered before splits were); "
+            f"delete its `{CHAMPION}` alias to start afresh"
+        )
+    if a.get("test_split") != b.get("test_split"):
         return (
             f"v{other.version} was tested on another test split ({b.get('test_split')}, this "
             f"one on {a.get('test_split')}): their scores are not comparable"
@@ -304,7 +309,7 @@ def _decision(version, holder, before) -> str:
     score = _score(version)
     if holder is not None and int(holder.version) == int(version.version):
         if before is None or int(before.version) == int(version.version):
-            return f"test {metric} {score:.4f}; the first eligible version on this test split"
+            return f"test {metric} {score:.4f}; no champion before it"
         return f"test {metric} {score:.4f} beats champion v{before.version} ({_score(before):.4f})"
     if why := _ineligible(version):
         return why
