@@ -3,16 +3,25 @@
 Classification reports accuracy, per-class precision/recall/F1 and a confusion matrix;
 detection COCO mAP (@[.5:.95], @.5, @.75) and AP per class with predictions drawn on test
 images; segmentation mIoU, pixel accuracy and IoU per class with predicted masks. The gate
-compares the task's main metric (accuracy, mAP@.5, mIoU) with `evaluate.min_score`.
+compares the task's main metric (accuracy, mAP@.5, mIoU) with `evaluate.min_score`; it is off
+only when `evaluate.gate=false` says so, and the result records that it was off.
+
+A model whose outputs are NaN or infinite, or whose main metric is, fails here: such a score
+cannot be compared with another, so it must never reach the gate or the registry.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from visionflow import tracking
 from visionflow.core.factories import build_datamodule
@@ -24,12 +33,48 @@ from visionflow.vision.tasks import get_task
 log = logging.getLogger("visionflow.evaluate")
 
 
+class EvaluateError(RuntimeError):
+    """The model or its test score is not finite; nothing was recorded."""
+
+
+class NonFiniteOutputError(ValueError):
+    """A model produced NaN or infinite outputs."""
+
+
+def finite_outputs(predict: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
+    """`predict`, failing with NonFiniteOutputError on a batch with any NaN or infinite output.
+
+    Comparisons with NaN are false, so a NaN model slips through any check written as
+    `diff > atol` or `score < min_score`: the outputs are checked where they are made.
+    """
+
+    def checked(images):
+        out = predict(images)
+        if not _all_finite(out):
+            raise NonFiniteOutputError(f"{name} outputs NaN or infinite values on test images")
+        return out
+
+    return checked
+
+
+def _all_finite(out: Any) -> bool:
+    if isinstance(out, dict):
+        return all(_all_finite(v) for v in out.values())
+    if isinstance(out, list | tuple):
+        return all(_all_finite(v) for v in out)
+    if isinstance(out, torch.Tensor):
+        return bool(torch.isfinite(out).all()) if out.is_floating_point() else True
+    array = np.asarray(out)
+    return bool(np.isfinite(array).all()) if np.issubdtype(array.dtype, np.floating) else True
+
+
 @dataclass
 class EvaluateResult:
     task: str
     metric: str  # the main metric: accuracy | map_50 | miou
     score: float
-    gate_passed: bool
+    gate_passed: bool  # may be champion: the gate passed, or it was disabled
+    gate: str  # passed | failed | disabled (evaluate.gate=false)
     min_score: float
     classes: list[str]
     metrics: dict[str, float]
@@ -39,10 +84,13 @@ class EvaluateResult:
     num_samples: int = 0
 
     def markdown(self) -> str:
-        verdict = "passed" if self.gate_passed else "FAILED"
+        gate = (
+            "quality gate disabled (evaluate.gate=false)"
+            if self.gate == "disabled"
+            else f"quality gate (≥ {self.min_score}) {'passed' if self.gate_passed else 'FAILED'}"
+        )
         lines = [
-            f"**Test {self.metric} {self.score:.4f}** on {self.num_samples} images; "
-            f"quality gate (≥ {self.min_score}) {verdict}.",
+            f"**Test {self.metric} {self.score:.4f}** on {self.num_samples} images; {gate}.",
             "",
             " | ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if "/" not in k),
             "",
@@ -67,12 +115,29 @@ def evaluate(
     task = get_task(spec["task"])
     classes = spec["classes"]
     dm = build_datamodule(cfg, store, dataset_id)
-    scores, examples = task.evaluate(task.torch_predictor(net), dm.test_dataloader(), classes)
+    predict = finite_outputs(task.torch_predictor(net), "the model")
+    try:
+        scores, examples = task.evaluate(predict, dm.test_dataloader(), classes)
+    except NonFiniteOutputError as err:
+        raise EvaluateError(f"{err} ({checkpoint_uri}): nothing was recorded") from None
+    if not math.isfinite(scores.score):
+        raise EvaluateError(
+            f"test {task.metric} of {checkpoint_uri} is {scores.score}, not a finite score: "
+            "nothing was recorded"
+        )
+    gate = (
+        "disabled"
+        if not cfg.evaluate.gate
+        else "passed"
+        if scores.score >= cfg.evaluate.min_score
+        else "failed"
+    )
     result = EvaluateResult(
         task=task.name,
         metric=task.metric,
         score=scores.score,
-        gate_passed=scores.score >= cfg.evaluate.min_score,
+        gate_passed=gate != "failed",
+        gate=gate,
         min_score=cfg.evaluate.min_score,
         classes=classes,
         metrics=scores.metrics,
@@ -86,11 +151,7 @@ def evaluate(
         _log_to_mlflow(cfg, result, png)
     save_step(store, cfg.run_id, "evaluate", result)
     log.info(
-        "test %s %.4f on %d images; gate %s",
-        task.metric,
-        result.score,
-        result.num_samples,
-        "passed" if result.gate_passed else "failed",
+        "test %s %.4f on %d images; gate %s", task.metric, result.score, result.num_samples, gate
     )
     return result
 

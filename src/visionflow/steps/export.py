@@ -3,7 +3,8 @@
 A file is uploaded only after its parity check passes: a model that disagrees with its source is
 never stored where a later step would pick it up. What is compared depends on the task (see
 vision/tasks): logits for classification and segmentation, the confident detections' boxes,
-scores and labels for detection.
+scores and labels for detection. Every output of PyTorch and of the exported file must be
+finite: a NaN compares false with any tolerance, so a NaN model would otherwise pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from visionflow.core.factories import build_datamodule
 from visionflow.runs import load_step, save_step
+from visionflow.steps.evaluate import NonFiniteOutputError, finite_outputs
 from visionflow.storage import open_store
 from visionflow.vision.checkpoints import load_network
 from visionflow.vision.inference import ort_session
@@ -49,16 +51,22 @@ def export(cfg, dataset_id: str | None = None, checkpoint_uri: str | None = None
     size = spec["image_size"]
     loader = build_datamodule(cfg, store, dataset_id).test_dataloader()
     limit = cfg.export.max_samples
-    reference = task.torch_predictor(net)
+    reference = finite_outputs(task.torch_predictor(net), "PyTorch")
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = task.export_onnx(net, Path(tmp) / "model.onnx", size)
-        onnx_parity = task.parity(
-            reference, task.ort_predictor(ort_session(onnx_path)), loader, limit
-        )
         ts_path = task.export_torchscript(net, Path(tmp) / "model.torchscript.pt", size)
-        scripted = torch.jit.load(str(ts_path))
-        ts_parity = task.parity(reference, task.torch_predictor(scripted), loader, limit)
+        exported = {
+            "ONNX": task.ort_predictor(ort_session(onnx_path)),
+            "TorchScript": task.torch_predictor(torch.jit.load(str(ts_path))),
+        }
+        try:
+            onnx_parity, ts_parity = (
+                task.parity(reference, finite_outputs(predict, name), loader, limit)
+                for name, predict in exported.items()
+            )
+        except NonFiniteOutputError as err:
+            raise ExportError(f"{err}: parity fails, nothing was stored") from None
         for name, p in (("ONNX", onnx_parity), ("TorchScript", ts_parity)):
             log.info(
                 "%s parity on %d test images: max |diff| %.2e, agreement %.4f",

@@ -1,21 +1,40 @@
 """register: the model into the MLflow Model Registry, and the `champion` alias if it earns it.
 
 Each registered version is a pyfunc model (see serving/onnx_pyfunc.py) carrying the fp32 ONNX
-file, the int8 one where the task has it, and the TorchScript file, tagged with its lineage. The
-alias `champion` moves to the new version only if the quality gate passed and the new model
-scores higher on the task's main metric (accuracy, mAP@.5, mIoU) than the current champion on
-the same test split (both measured here, with ONNX Runtime).
+file, the int8 one where the task has it, and the TorchScript file, tagged with its lineage.
+
+Who is champion. A version is *eligible* when its quality gate passed or was disabled
+explicitly (tag `gate`: passed | failed | disabled) and its test score (tag `test_<metric>`,
+measured here with ONNX Runtime) is finite. Scores are compared only between versions of the
+same task and classes tested on the same test split (tag `test_split`, a hash of the split's
+shard contents): a version tested on another split is never promoted over the champion, and
+its `champion_decision` tag says why. Among the eligible versions comparable with the
+champion (with the new version when nobody holds the alias), the champion is the one with
+the highest score; on a tie the earlier version keeps it.
+
+Why that holds when runs register at once. MLflow has no compare-and-set on aliases, so
+`elect_champion` does "set, then verify until stable": read the alias, read every version,
+set the alias to the best eligible one if it holds another, and repeat until a read finds the
+alias on the best. The tags it reads are written in the same transaction that creates the
+version, so a version is never seen without them. Take the last alias write, by writer X: X
+then read every version that existed by then and found the alias on their best. Any version
+Y created later was read by its own writer after X's write, with the alias unchanged since;
+had Y been better, its writer would have written after X. So the final champion is at least
+as good as every version, whichever order the reads and writes of N writers interleave in.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -30,6 +49,7 @@ from visionflow.vision.tasks import get_task
 log = logging.getLogger("visionflow.register")
 
 CHAMPION = "champion"
+ELECTION_ROUNDS = 20  # each round that does not settle follows another writer's alias write
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "onnx_pyfunc.py"
 
 
@@ -43,7 +63,7 @@ class RegisterResult:
     reason: str
     metric: str  # the task's main metric
     score_onnx: float  # this version's, measured here
-    champion_score: float | None
+    champion_score: float | None  # the champion's recorded test score
 
 
 def model_name(cfg) -> str:
@@ -108,7 +128,8 @@ def register(
     run_id = tracking.run_for(cfg)
     client = mlflow.MlflowClient()
     name = model_name(cfg)
-    test = build_datamodule(cfg, store, dataset_id).test_dataloader()
+    dm = build_datamodule(cfg, store, dataset_id)
+    test = dm.test_dataloader()
 
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
@@ -140,46 +161,39 @@ def register(
                 signature=infer_signature(example, output),
                 pip_requirements=["onnxruntime", "numpy"],
             )
+    gate = "failed" if not gate_passed else "passed" if cfg.evaluate.gate else "disabled"
     lineage = {
         "visionflow.run_id": cfg.run_id,
         "pipeline_run": pipeline_run or cfg.run_id,
         "dataset_manifest": dataset_id,
+        "test_split": test_split_hash(dm.manifest),
         "git_commit": git_commit(),
         "classes": ",".join(classes),
-        "gate_passed": str(gate_passed).lower(),
         "task": task.name,
-        f"test_{task.metric}": f"{new_score:.6f}",
+        "gate": gate,
+        **({"gate_min_score": str(cfg.evaluate.min_score)} if gate != "disabled" else {}),
+        f"test_{task.metric}": repr(new_score),  # what the champion election compares
         **{k: f"{v:.6g}" for k, v in metrics.items()},
         **int8_tags(quantized),
     }
+    # The tags are created with the version, in one transaction: elections never see it without.
     version = mlflow.register_model(info.model_uri, name, tags=lineage)
     number = int(version.version)
-
-    current = alias_holder(client, name, CHAMPION)
-    promote, reason, champion_score = champion_rule(
-        task.name, task.metric, gate_passed, lineage["classes"], new_score, current,
-        lambda: _score_of(current, task, test, classes),
-        f"quality gate failed (test {task.metric} below {cfg.evaluate.min_score})",
-    )  # fmt: skip
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, str(number))
-    champion_version = (
-        number if promote else (int(current.version) if current is not None else None)
-    )
-    client.set_model_version_tag(name, str(number), "champion_decision", reason)
+    holder, reason = elect_champion(client, name, number)
+    promoted = holder is not None and int(holder.version) == number
     log.info(
-        "registered %s v%d; champion: %s (%s)", name, number, "yes" if promote else "no", reason
+        "registered %s v%d; champion: %s (%s)", name, number, "yes" if promoted else "no", reason
     )
     result = RegisterResult(
         name,
         number,
         f"models:/{name}/{number}",
-        promote,
-        champion_version,
+        promoted,
+        int(holder.version) if holder is not None else None,
         reason,
         task.metric,
         new_score,
-        champion_score,
+        None if holder is None else _score(holder),
     )
     save_step(store, cfg.run_id, "register", result)
     return result
@@ -197,41 +211,115 @@ def alias_holder(client, name: str, alias: str):
         return None
 
 
-def champion_rule(
-    task: str,
-    metric: str,
-    gate_passed: bool,
-    classes: str,
-    score: float,
-    current,
-    current_score: Callable[[], float],
-    gate_reason: str,
-) -> tuple[bool, str, float | None]:
-    """Whether a version may take `champion` from `current` (None: nobody holds it), why, and
-    the current champion's score where it was measured.
+def test_split_hash(manifest: dict[str, Any]) -> str:
+    """The test split's identity: a hash of its shards' contents, in order.
 
-    The rule register and promote share: the quality gate passed; the champion, if any, is the
-    same task over the same classes; and the new version scores strictly higher on the task's
-    main metric than the champion on the same test split (`current_score()` measures that).
+    Two datasets whose test shards hold the same bytes share it (a larger training split keeps
+    scores comparable); any change to a test image, label or their order gives another.
     """
-    if not gate_passed:
-        return False, gate_reason, None
-    if current is None:
-        return True, "first version to pass the gate", None
-    if current.tags.get("classes") != classes or current.tags.get("task", "classification") != task:
+    shards = [shard["sha256"] for shard in manifest["splits"]["test"]["shards"]]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:20]
+
+
+class RegistryError(RuntimeError):
+    """The champion alias did not settle; the message says how to settle it."""
+
+
+def elect_champion(client, name: str, version: int) -> tuple[Any, str]:
+    """Move `champion` to the best eligible version (see the module docstring) and verify it
+    stays there; returns the champion (None: nobody is eligible) and why `version` is or is
+    not it, which is also recorded on `version` as its `champion_decision` tag."""
+    mine = client.get_model_version(name, str(version))
+    holder = before = alias_holder(client, name, CHAMPION)
+    for _ in range(ELECTION_ROUNDS):
+        best = _best(_all_versions(client, name), mine if holder is None else holder)
+        if best is None or (holder is not None and int(holder.version) == int(best.version)):
+            reason = _decision(mine, holder, before)
+            client.set_model_version_tag(name, str(version), "champion_decision", reason)
+            return holder, reason
+        client.set_registered_model_alias(name, CHAMPION, str(best.version))
+        holder = alias_holder(client, name, CHAMPION)  # another writer may have moved it since
+    raise RegistryError(
+        f"the {CHAMPION} alias of {name} kept moving for {ELECTION_ROUNDS} rounds; once the "
+        f"other registrations are done, settle it with `visionflow promote {name} {version}`"
+    )
+
+
+def _all_versions(client, name: str) -> list:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", page_token=token)
+        versions += page
+        if not (token := page.token):
+            return versions
+
+
+def _best(versions: list, reference):
+    """The eligible version comparable with `reference` with the highest score, the earliest
+    of equals; None if there is none."""
+    pool = [v for v in versions if _ineligible(v) is None and _incomparable(v, reference) is None]
+    return max(pool, key=lambda v: (_score(v), -int(v.version)), default=None)
+
+
+def _score(version) -> float:
+    """The test score recorded on a version; NaN when there is none."""
+    metric = get_task(version.tags.get("task", "classification")).metric
+    try:
+        return float(version.tags[f"test_{metric}"])
+    except (KeyError, ValueError):
+        return math.nan
+
+
+def _ineligible(version) -> str | None:
+    """Why a version may not be champion at all; None if it may."""
+    tags, metric = version.tags, get_task(version.tags.get("task", "classification")).metric
+    if tags.get("gate") == "failed":
+        return f"quality gate failed (test {metric} below {tags.get('gate_min_score')})"
+    if tags.get("gate") not in ("passed", "disabled"):
+        return "no `gate` tag: registered before the gate's verdict was recorded so"
+    if not math.isfinite(score := _score(version)):
+        return f"test {metric} is {score}, not a finite score"
+    return None
+
+
+def _incomparable(version, other) -> str | None:
+    """Why two versions' scores cannot be compared; None if they can."""
+    a, b = version.tags, other.tags
+    if (a.get("task", "classification"), a.get("classes")) != (
+        b.get("task", "classification"),
+        b.get("classes"),
+    ):
+        return f"v{other.version} is another task or predicts other classes"
+    if b.get("test_split") is None:
         return (
-            False,
-            f"champion v{current.version} is another task or predicts other classes; not comparable",
-            None,
+            f"v{other.version} has no recorded test split (registered before splits were); "
+            f"delete its `{CHAMPION}` alias to start afresh"
         )
-    champion_score = current_score()
-    better = score > champion_score
-    verdict = "beats" if better else "does not beat"
+    if a.get("test_split") != b.get("test_split"):
+        return (
+            f"v{other.version} was tested on another test split ({b.get('test_split')}, this "
+            f"one on {a.get('test_split')}): their scores are not comparable"
+        )
+    return None
+
+
+def _decision(version, holder, before) -> str:
+    """Why `version` is or is not champion, `holder` holding the alias now, `before` at first."""
+    metric = get_task(version.tags.get("task", "classification")).metric
+    score = _score(version)
+    if holder is not None and int(holder.version) == int(version.version):
+        if before is None or int(before.version) == int(version.version):
+            return f"test {metric} {score:.4f}; no champion before it"
+        return f"test {metric} {score:.4f} beats champion v{before.version} ({_score(before):.4f})"
+    if why := _ineligible(version):
+        return why
+    if holder is None:  # not reached: an eligible version always finds a champion
+        return "no champion"
+    if why := _incomparable(version, holder):
+        return f"not comparable with champion: {why}"
     return (
-        better,
-        f"test {metric} {score:.4f} {verdict} champion v{current.version} ({champion_score:.4f}) "
-        "on the same test split",
-        champion_score,
+        f"test {metric} {score:.4f} does not beat champion v{holder.version} "
+        f"({_score(holder):.4f}) on the same test split"
     )
 
 
@@ -242,11 +330,10 @@ class PromoteError(RuntimeError):
 def promote(name: str, version: int, alias: str = CHAMPION, overrides=()) -> dict[str, object]:
     """Move `alias` of model `name` to `version` under register's rules; PromoteError if not.
 
-    `champion` follows `champion_rule`, with both versions' scores as register measured them;
-    they must have been tested on the same dataset's test split (the `dataset_manifest` tag),
-    else they are not comparable here. Another alias (`challenger`, ...) needs the quality gate
-    passed and, where there is a champion, the same task and classes: a challenger is there to
-    be compared with it.
+    `champion` is elected as register elects it: this settles the alias on the best eligible
+    version, which must then be `version`. Another alias (`challenger`, ...) needs an eligible
+    version comparable with the champion, if there is one: a challenger is there to be
+    compared with it.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -261,58 +348,26 @@ def promote(name: str, version: int, alias: str = CHAMPION, overrides=()) -> dic
         candidate = client.get_model_version(name, str(version))
     except MlflowException as err:
         raise PromoteError(f"model {name} has no version {version} ({err.message})") from None
-    tags = candidate.tags
-    task, holder = tags.get("task", "classification"), alias_holder(client, name, alias)
-    metric = get_task(task).metric
-    gate_passed = tags.get("gate_passed") == "true"
-    gate_reason = f"v{version} did not pass the quality gate when it was registered"
+    holder = alias_holder(client, name, alias)
     if holder is not None and int(holder.version) == version:
         return {"model": name, "version": version, "alias": alias, "moved": False,
                 "reason": f"{alias} is v{version} already"}  # fmt: skip
     if alias == CHAMPION:
-
-        def champion_score() -> float:
-            if holder.tags.get("dataset_manifest") != tags.get("dataset_manifest"):
-                raise PromoteError(
-                    f"cannot promote v{version} to {alias}: it was tested on dataset "
-                    f"{tags.get('dataset_manifest')}, champion v{holder.version} on "
-                    f"{holder.tags.get('dataset_manifest')}; scores on different test splits "
-                    f"are not comparable (register v{version}'s run again to compare them on one)"
-                )
-            return _recorded_score(holder, metric)
-
-        ok, reason, _ = champion_rule(
-            task, metric, gate_passed, tags.get("classes", ""), _recorded_score(candidate, metric),
-            holder, champion_score, gate_reason,
-        )  # fmt: skip
+        holder, reason = elect_champion(client, name, version)
+        if holder is None or int(holder.version) != version:
+            raise PromoteError(f"cannot promote {name} v{version} to {alias}: {reason}")
     else:
         champion = alias_holder(client, name, CHAMPION)
-        comparable = champion is None or (
-            champion.tags.get("classes") == tags.get("classes")
-            and champion.tags.get("task", "classification") == task
+        why = _ineligible(candidate) or (
+            champion is not None and _incomparable(candidate, champion)
         )
-        ok = gate_passed and comparable
-        reason = (
-            gate_reason
-            if not gate_passed
-            else f"champion v{champion.version} is another task or predicts other classes"
-            if not comparable
-            else "passed the quality gate; same task and classes as the champion"
-        )
-    if not ok:
-        raise PromoteError(f"cannot promote {name} v{version} to {alias}: {reason}")
-    client.set_registered_model_alias(name, alias, str(version))
-    client.set_model_version_tag(name, str(version), f"{alias}_decision", reason)
+        if why:
+            raise PromoteError(f"cannot promote {name} v{version} to {alias}: {why}")
+        reason = "eligible, and comparable with the champion"
+        client.set_registered_model_alias(name, alias, str(version))
+        client.set_model_version_tag(name, str(version), f"{alias}_decision", reason)
     log.info("%s: %s -> v%d (%s)", name, alias, version, reason)
     return {"model": name, "version": version, "alias": alias, "moved": True, "reason": reason}
-
-
-def _recorded_score(version, metric: str) -> float:
-    """The test score register measured for a version (its `test_<metric>` tag)."""
-    value = version.tags.get(f"test_{metric}")
-    if value is None:
-        raise PromoteError(f"v{version.version} has no recorded test {metric}: register it again")
-    return float(value)
 
 
 def int8_tags(q: dict) -> dict[str, str]:
@@ -333,16 +388,3 @@ def int8_tags(q: dict) -> dict[str, str]:
             for b in (1, 64)
         )
     return tags
-
-
-def _score_of(version, task, loader, classes) -> float:
-    """The registered version's fp32 ONNX score on this loader's images."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{version.name}/{version.version}", dst_path=tmp
-        )
-        onnx = next(Path(local).rglob("model.onnx"))
-        predict = task.ort_predictor(ort_session(onnx))
-        return task.evaluate(predict, loader, classes)[0].score
