@@ -101,7 +101,7 @@ def test_a_run_from_the_ui_with_default_parameters(sim, ui_run):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=sim.tracking)
-    assert client.get_run(summary["run_id"]).data.metrics["test/acc"] == pytest.approx(
+    assert client.get_run(summary["run_id"]).data.metrics["test/accuracy"] == pytest.approx(
         summary["test_accuracy"]
     )
     version = client.get_model_version(summary["model_name"], str(summary["model_version"]))

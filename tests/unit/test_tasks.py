@@ -95,6 +95,10 @@ def test_export_is_checked_and_quantize_follows_the_task(task_run):
     x, q = r["export"], r["quantize"]
     assert x.onnx.samples == 20 and x.onnx.agreement >= cfg.export.min_agreement
     assert x.torchscript.max_abs_diff <= cfg.export.atol
+    if task == "detection":  # torch.export cannot take torchvision's detectors
+        assert x.onnx_exporter.startswith("legacy (torch.export cannot")
+    else:
+        assert x.onnx_exporter == "dynamo"
     if task == "detection":
         assert q.status == "unsupported" and q.int8_uri == "" and q.serve_variant == "fp32"
         assert "not supported for detection" in q.reason

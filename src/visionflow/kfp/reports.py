@@ -46,7 +46,27 @@ def evaluation_html(cfg, result) -> str:
         f"<html><body><h2>Test {result.metric} {result.score:.4f}</h2><p>{summary}</p>"
         f"<p>Quality gate (&ge; {result.min_score}): <b>{verdict}</b></p>"
         f'<img src="data:image/png;base64,{png}"/>'
+        f"{_confusions_html(result)}"
         f"<table border=1><tr>{head}</tr>{rows}</table></body></html>"
+    )
+
+
+def _confusions_html(result) -> str:
+    """Classification's most frequent mistakes, by name: the figure shows names only up to
+    MAX_LABELLED_CLASSES classes."""
+    import html
+
+    from visionflow.vision.metrics import top_confusions
+
+    if result.confusion is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(true)}</td><td>{html.escape(predicted)}</td><td>{count}</td></tr>"
+        for true, predicted, count in top_confusions(result.confusion, result.classes)
+    )
+    return (
+        "<h3>Top confusions</h3><table border=1><tr><th>true</th><th>predicted</th>"
+        f"<th>images</th></tr>{rows}</table>"
     )
 
 

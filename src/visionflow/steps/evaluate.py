@@ -28,6 +28,7 @@ from visionflow.core.factories import build_datamodule
 from visionflow.runs import load_step, save_step
 from visionflow.storage import open_store
 from visionflow.vision.checkpoints import load_network
+from visionflow.vision.metrics import top_confusions
 from visionflow.vision.tasks import get_task
 
 log = logging.getLogger("visionflow.evaluate")
@@ -101,6 +102,10 @@ class EvaluateResult:
             for name, row in self.per_class.items():
                 cells = [f"{row[c]:.3f}" if c != "support" else str(int(row[c])) for c in columns]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if self.confusion is not None:
+            lines += ["", "Top confusions:", "", "| true | predicted | images |", "|---|---|---|"]
+            for true, predicted, count in top_confusions(self.confusion, self.classes):
+                lines.append(f"| {true} | {predicted} | {count} |")
         return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from visionflow.storage import open_store
 from visionflow.vision.checkpoints import load_network
 from visionflow.vision.inference import ort_session
 from visionflow.vision.tasks import Parity, get_task
+from visionflow.vision.tasks.base import exporter_of
 
 log = logging.getLogger("visionflow.export")
 
@@ -39,6 +40,7 @@ class ExportResult:
     onnx: Parity
     torchscript: Parity
     image_size: int
+    onnx_exporter: str = ""  # "dynamo", or "legacy (<why torch.export could not be used>)"
 
 
 def export(cfg, dataset_id: str | None = None, checkpoint_uri: str | None = None) -> ExportResult:
@@ -80,6 +82,8 @@ def export(cfg, dataset_id: str | None = None, checkpoint_uri: str | None = None
         prefix = f"models/{cfg.run_id}"
         onnx_uri = store.put_file(onnx_path, f"{prefix}/model.onnx")
         ts_uri = store.put_file(ts_path, f"{prefix}/model.torchscript.pt")
-    result = ExportResult(task.name, onnx_uri, ts_uri, onnx_parity, ts_parity, size)
+        exporter = exporter_of(onnx_path)
+    log.info("ONNX exporter: %s", exporter)
+    result = ExportResult(task.name, onnx_uri, ts_uri, onnx_parity, ts_parity, size, exporter)
     save_step(store, cfg.run_id, "export", result)
     return result

@@ -520,7 +520,7 @@ def _put_json(store: ArtifactStore, key: str, value: Any) -> str:
 
 
 def _plot(result: PredictResult, path: Path) -> Path:
-    from visionflow.vision.tasks import pyplot, save_figure
+    from visionflow.vision.tasks.base import pyplot, save_figure
 
     plt = pyplot()
     names, values = list(result.histogram), list(result.histogram.values())

@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from visionflow.core.config import ConfigError
+from visionflow.vision.metrics import IGNORE_INDEX, mean_iou, segmentation_metrics
 from visionflow.vision.models.checkpointing import enable_gradient_checkpointing
-
-IGNORE_INDEX = 255  # mask pixels that count for nothing (COCO crowds, borders)
 
 
 class VisionModule(pl.LightningModule):
@@ -162,7 +161,9 @@ class VisionModule(pl.LightningModule):
 
 
 class ClassificationModule(VisionModule):
-    """Cross-entropy training of any registered classifier, with accuracy on every split.
+    """Cross-entropy training of any registered classifier, with accuracy on every split
+    (torchmetrics' micro accuracy per batch, which the epoch's batch-size-weighted mean makes
+    the accuracy over the epoch's images, as evaluation measures it: vision/metrics.py).
 
     `batch_transform` (MixUp/CutMix, from `transforms.batch`) mixes training batches on the
     device; the labels become soft targets and training accuracy is against their argmax.
@@ -185,7 +186,8 @@ class ClassificationModule(VisionModule):
         smoothing = self.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         hard = labels.argmax(1) if labels.ndim == 2 else labels
-        acc = (logits.argmax(1) == hard).float().mean()
+        # validate_args=False: checking the labels' range would wait for the device every step
+        acc = multiclass_accuracy(logits, hard, logits.shape[1], "micro", validate_args=False)
         self._log(split, "loss", loss, len(images), on_step=split == "train")
         self._log(split, "acc", acc, len(images))
         return loss
@@ -247,7 +249,8 @@ def _rescale_detection(images, targets, size: int):
 
 
 class SegmentationModule(VisionModule):
-    """Per-pixel cross-entropy (255 ignored); mIoU and pixel accuracy from a confusion matrix.
+    """Per-pixel cross-entropy (255 ignored); mIoU and pixel accuracy as evaluation measures
+    them (vision/metrics.py).
 
     Class 0 is the background and counts in the mean IoU, as in Pascal VOC and torchvision's
     reference recipe. `val/miou` picks best.ckpt.
@@ -258,12 +261,7 @@ class SegmentationModule(VisionModule):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         n = len(self.spec["classes"]) + 1
-        self.confusion = nn.ModuleDict(
-            {
-                split: MulticlassConfusionMatrix(n, ignore_index=IGNORE_INDEX)
-                for split in ("val", "test")
-            }
-        )
+        self.metrics = nn.ModuleDict({split: segmentation_metrics(n) for split in ("val", "test")})
 
     def _step(self, batch, split: str) -> torch.Tensor:
         images, masks = batch
@@ -274,30 +272,20 @@ class SegmentationModule(VisionModule):
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
         self._log(split, "loss", loss, len(images), on_step=split == "train")
         if split != "train":
-            self.confusion[split].update(logits.argmax(1), masks)
+            self.metrics[split].update(logits.argmax(1), masks)
         return loss
 
     def _epoch_end(self, split: str) -> None:
-        confusion = self.confusion[split].compute()
-        self.confusion[split].reset()
-        iou, pixel_acc = iou_from_confusion(confusion)
-        self.log(f"{split}/miou", iou.nanmean(), prog_bar=True)
-        self.log(f"{split}/pixel_acc", pixel_acc, prog_bar=True)
+        result = self.metrics[split].compute()
+        self.metrics[split].reset()
+        self.log(f"{split}/miou", mean_iou(result["iou"]), prog_bar=True)
+        self.log(f"{split}/pixel_acc", result["pixel_acc"], prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
-
-
-def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class IoU and pixel accuracy. A class that neither occurs nor is predicted has no
-    IoU (NaN), and the mean IoU leaves it out (`nanmean`)."""
-    confusion = confusion.double()
-    tp = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    return tp / union, tp.sum() / confusion.sum().clamp(min=1)
 
 
 DATA_INIT_IMAGES = 5000  # training images a data-dependent initialisation sees

@@ -1,8 +1,7 @@
 """Segmentation: per-pixel logits in; mIoU, pixel accuracy and per-class IoU out.
 
 Class 0 is the background and counts in the mean IoU; mask pixels of 255 count for nothing.
-The confusion matrix is accumulated batch by batch, so large test sets need no memory for
-their outputs.
+The metrics accumulate batch by batch, so large test sets need no memory for their outputs.
 """
 
 from __future__ import annotations
@@ -12,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visionflow.vision.modules import IGNORE_INDEX, iou_from_confusion
-from visionflow.vision.tasks import DenseTask, Scores, pyplot, save_figure
+from visionflow.vision.metrics import IGNORE_INDEX, mean_iou, segmentation_metrics
+from visionflow.vision.tasks.base import DenseTask, Scores, pyplot, save_figure
 
 
 class SegmentationTask(DenseTask):
@@ -24,25 +23,24 @@ class SegmentationTask(DenseTask):
 
     def evaluate(self, predict, loader, classes, max_samples=None):
         names = ["background", *classes]
-        n = len(names)
-        confusion = np.zeros((n, n), np.int64)
+        measure = segmentation_metrics(len(names))
+        pixels = torch.zeros(len(names), dtype=torch.int64)
         examples, images = None, 0
         for x, y in self.batches(loader, max_samples):
             images += len(x)
-            predicted = predict(x).argmax(1)
-            keep = y != IGNORE_INDEX
-            confusion += np.bincount(y[keep] * n + predicted[keep], minlength=n * n).reshape(n, n)
+            predicted, masks = torch.from_numpy(predict(x).argmax(1)), torch.from_numpy(y)
+            measure.update(predicted, masks)
+            pixels += torch.bincount(masks[masks != IGNORE_INDEX], minlength=len(names))
             if examples is None:
-                examples = (x[:8], predicted[:8], y[:8])
-        iou, pixel_acc = iou_from_confusion(torch.from_numpy(confusion))
-        miou = float(iou.nanmean())
+                examples = (x[:8], predicted[:8].numpy(), y[:8])
+        r = measure.compute()
+        iou, miou = r["iou"], float(mean_iou(r["iou"]))
         per_class = {
-            name: {"iou": float(iou[i]), "pixels": float(confusion[i].sum())}
-            for i, name in enumerate(names)
+            name: {"iou": float(iou[i]), "pixels": float(pixels[i])} for i, name in enumerate(names)
         }
-        metrics = {"miou": miou, "pixel_acc": float(pixel_acc)}
-        metrics.update({f"iou/{k}": v["iou"] for k, v in per_class.items() if v["iou"] == v["iou"]})
-        return Scores(miou, metrics, per_class, None, images), examples
+        logged = {"miou": miou, "pixel_acc": float(r["pixel_acc"])}
+        logged.update({f"iou/{k}": v["iou"] for k, v in per_class.items() if v["iou"] == v["iou"]})
+        return Scores(miou, logged, per_class, None, images), examples
 
     def plot(self, scores, classes, examples, path: Path) -> Path:
         """Test images, their true masks and the predicted ones, side by side."""
