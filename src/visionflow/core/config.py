@@ -13,6 +13,7 @@ import difflib
 import importlib.resources
 import inspect
 import os
+import pydoc
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -23,7 +24,6 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -354,10 +354,16 @@ def check_targets(node: Any, where: str = "") -> None:
     if isinstance(node, dict):
         if "_target_" in node:
             path = node["_target_"]
-            try:
-                target = get_object(path)
-            except Exception as err:
-                raise ConfigError(f"{where}._target_={path!r} cannot be imported: {err}") from None
+            try:  # pydoc's, not hydra.utils.get_object, which also logs the failure
+                target = pydoc.locate(path)
+            except pydoc.ErrorDuringImport as err:
+                raise ConfigError(
+                    f"{where}._target_={path!r} fails to import: {err.value}"
+                ) from None
+            if target is None:
+                raise ConfigError(
+                    f"{where}._target_={path!r} cannot be imported: no such module or name"
+                )
             keys = [k for k in node if not str(k).startswith("_")]
             check_keys(target, keys, where, path)
         for key, value in node.items():
