@@ -8,12 +8,13 @@ import inspect
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
 from visionflow import cli
-from visionflow.core.config import ConfigError, check_keys, config_dir, load_config, to_container
+from visionflow.core.config import ConfigError, check_call, config_dir, load_config, to_container
 
 CONFIGS = config_dir()
 
@@ -79,16 +80,45 @@ def test_a_target_that_cannot_be_imported_is_named():
 def test_without_a_close_match_the_accepted_keys_are_listed():
     def step(size: int, *, ratio: float = 1.0) -> None: ...
 
-    check_keys(step, ["size", "ratio"], "x", "step")
+    check_call(step, {"size": 3, "ratio": 2}, "x", "step")
     with pytest.raises(ConfigError) as err:
-        check_keys(step, ["zzz"], "x", "step")
+        check_call(step, {"zzz": 1}, "x", "step")
     assert str(err.value) == "x.zzz is not a parameter of step; it takes: size, ratio"
 
 
 def test_targets_with_var_keywords_take_any_key():
     def anything(**kwargs) -> None: ...
 
-    check_keys(anything, ["whatever"], "x", "anything")
+    check_call(anything, {"whatever": 1}, "x", "anything")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["optim=sgd", "optim.optimizer.nesterov=maybe"], "optim.optimizer.nesterov='maybe'"),
+        (
+            ["optim/scheduler=cosine_warmup", "optim.scheduler.anneal_strategy=cosine"],
+            "optim.scheduler.anneal_strategy='cosine'",
+        ),
+        (["callbacks.lr_monitor.logging_interval=hour"], "logging_interval='hour'"),
+        (["optim.scheduler.pct_start=[0.3]"], "optim.scheduler.pct_start=[0.3]"),
+    ],
+)
+def test_values_their_target_rules_out_fail_naming_the_key(overrides, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    assert named in str(err.value)
+
+
+def test_values_are_checked_only_where_the_annotation_says_enough():
+    def step(
+        n: int, rate: float, mode: Literal["a", "b"] | None, any_, box: float | Path
+    ) -> None: ...
+
+    check_call(step, {"n": 3, "rate": 1, "mode": None, "any_": [1], "box": "x"}, "s", "step")
+    for bad in ({"n": 1.5}, {"n": True}, {"rate": "1"}, {"mode": "c"}):
+        with pytest.raises(ConfigError, match=f"s.{next(iter(bad))}="):
+            check_call(step, bad, "s", "step")
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

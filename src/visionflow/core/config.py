@@ -16,7 +16,9 @@ import os
 import pydoc
 import secrets
 import time
-from collections.abc import Callable, Iterable
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,8 +366,8 @@ def check_targets(node: Any, where: str = "") -> None:
                 raise ConfigError(
                     f"{where}._target_={path!r} cannot be imported: no such module or name"
                 )
-            keys = [k for k in node if not str(k).startswith("_")]
-            check_keys(target, keys, where, path)
+            args = {k: v for k, v in node.items() if not str(k).startswith("_")}
+            check_call(target, args, where, path)
         for key, value in node.items():
             check_targets(value, f"{where}.{key}" if where else str(key))
     elif isinstance(node, list):
@@ -373,22 +375,28 @@ def check_targets(node: Any, where: str = "") -> None:
             check_targets(value, f"{where}[{i}]")
 
 
-def check_keys(fn: Callable, keys: Iterable[str], where: str, what: str) -> None:
-    """Raise ConfigError naming `where.key` for the first key `fn` takes no keyword for.
+def check_call(fn: Callable, kwargs: dict[str, Any], where: str, what: str) -> None:
+    """Raise ConfigError naming `where.key` for the first keyword `fn` does not take, or a value
+    that its annotation rules out.
 
-    Callables that take **kwargs, or whose signature cannot be read (some builtins), accept
-    anything: what they reject shows only when they are called.
+    Callables that take **kwargs, or whose signature cannot be read (some builtins), accept any
+    key: what they reject shows only when they are called. Values are checked only against
+    annotations made of bool, int, float, str, None and Literal (`fits`).
     """
     try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
+        params = inspect.signature(fn, eval_str=True).parameters
+    except Exception:  # no signature, or annotations that name what only type checkers see
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    accepted = [p.name for p in params if p.kind in kinds]
-    for key in keys:
+    accepted = [name for name, p in params.items() if p.kind in kinds]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in kwargs.items():
         if key not in accepted:
+            if takes_any:
+                continue
             close = difflib.get_close_matches(key, accepted)
             hint = (
                 f"did you mean {' or '.join(close)}?"
@@ -396,6 +404,34 @@ def check_keys(fn: Callable, keys: Iterable[str], where: str, what: str) -> None
                 else f"it takes: {', '.join(accepted)}"
             )
             raise ConfigError(f"{where}.{key} is not a parameter of {what}; {hint}")
+        if not fits(value, want := params[key].annotation):
+            raise ConfigError(f"{where}.{key}={value!r}: {what} takes {_type_name(want)} there")
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def fits(value: Any, want: Any) -> bool:
+    """Whether a config value can be passed where `want` is annotated.
+
+    Only bool, int, float (an int fits), str, None and Literal, alone or in a union, are
+    checked; a union with any other member, and every other annotation, admits anything.
+    """
+    if typing.get_origin(want) in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in typing.get_args(want))
+    if typing.get_origin(want) is typing.Literal:
+        return value in typing.get_args(want)
+    if want is None or want is type(None):
+        return value is None
+    if want not in _SCALARS:
+        return True
+    if isinstance(value, bool):
+        return want is bool
+    return isinstance(value, int | float) if want is float else isinstance(value, want)
+
+
+def _type_name(want: Any) -> str:
+    return want.__name__ if isinstance(want, type) else str(want).replace("typing.", "")
 
 
 def _one_paragraph(err: Exception) -> str:
