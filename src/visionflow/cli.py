@@ -36,7 +36,7 @@ def _latest_file(workdir: str) -> Path:
 def _step_config(step: str, overrides: list[str]):
     """Config for one step. Without run_id=..., prepare starts a new run and later steps
     continue the latest one."""
-    from visionflow.core.config import load_config
+    from visionflow.core.config import ConfigError, load_config
     from visionflow.core.factories import validate
 
     given = any(o.startswith("run_id=") for o in overrides)
@@ -45,7 +45,7 @@ def _step_config(step: str, overrides: list[str]):
     latest = _latest_file(cfg.workdir)
     if not given and step != "prepare":
         if not latest.is_file():
-            raise LookupError(
+            raise ConfigError(
                 "no run to continue: run `visionflow prepare` first or pass run_id=..."
             )
         cfg.run_id = latest.read_text().strip()
@@ -207,9 +207,13 @@ def _dispatch(args) -> int:
     elif args.command == "config":
         from omegaconf import OmegaConf
 
-        from visionflow.core.config import load_config
+        import visionflow.vision.models  # noqa: F401  (fills MODELS)
+        from visionflow.core.config import load_config, to_container
+        from visionflow.core.contracts import model_params
 
-        print(OmegaConf.to_yaml(load_config(args.overrides)), end="")
+        cfg = load_config(args.overrides)  # the schema and every `_target_` block
+        model_params(to_container(cfg.model))  # the model's name and options
+        print(OmegaConf.to_yaml(cfg), end="")
     return 0
 
 
@@ -224,13 +228,14 @@ def _submit(args) -> None:
     from visionflow.kfp.submit import params_from_overrides, submit
 
     # Where artifacts and runs go on the cluster is the release's business (its mounted
-    # cluster config); a run's overrides only say what to train.
+    # cluster config); a run's overrides only say what to train. What the cluster would refuse
+    # is refused first: composing the config imports every `_target_` it names.
+    params = params_from_overrides(args.overrides)
     validate(load_config(args.overrides))  # a bad config fails here, not in the cluster
     with tempfile.TemporaryDirectory() as tmp:
         package = (
             Path(args.package) if args.package else compile_pipeline(Path(tmp) / "training.yaml")
         )
-        params = params_from_overrides(args.overrides)
         run_name = (
             args.run_name or params["run_id"] or f"{args.name} {time.strftime('%Y-%m-%d %H-%M-%S')}"
         )
@@ -243,22 +248,23 @@ def _submit(args) -> None:
 
 
 def _fail(err: Exception) -> int:
+    """One clear line for a user's error; the traceback first for anything else (a bug).
+
+    A user's errors are the ones visionflow raises for them, of the exception types it defines
+    (ConfigError, the registries' UnknownNameError, StorageError, ...), and OSError, the
+    environment's (a missing file, a refused connection). Anything else, a KeyError or a
+    TypeError, is a bug, and its traceback is what a report needs.
+    """
     from visionflow.core.config import ConfigError
     from visionflow.core.registry import UnknownNameError
 
-    config_problem = isinstance(err, ConfigError | UnknownNameError)
-    known = (
-        config_problem
-        or type(err).__name__.endswith("Error")
-        and type(err).__module__.startswith("visionflow")
-        or isinstance(err, LookupError | FileNotFoundError | ValueError)
-    )
-    if not known:
+    users = isinstance(err, OSError) or type(err).__module__.partition(".")[0] == "visionflow"
+    if not users:
         import traceback
 
-        traceback.print_exc()
+        traceback.print_exception(err)
     print(f"visionflow: error: {err}", file=sys.stderr)
-    return EXIT_CONFIG if config_problem else EXIT_FAILED
+    return EXIT_CONFIG if isinstance(err, ConfigError | UnknownNameError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

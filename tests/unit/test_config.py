@@ -46,6 +46,15 @@ def test_bad_overrides_fail_naming_the_key(override, named):
     assert named in str(err.value)
 
 
+def test_local_paths_follow_visionflow_home(tmp_path, monkeypatch):
+    """The schema's defaults, not a YAML copy of them: storage and tracking live under workdir."""
+    monkeypatch.setenv("VISIONFLOW_HOME", str(tmp_path / "home"))
+    cfg = load_config()
+    assert cfg.workdir == str(tmp_path / "home")
+    assert cfg.storage.root == f"{tmp_path}/home/artifacts"
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/home/mlflow.db"
+
+
 def test_every_schema_key_can_be_overridden(tmp_path):
     cfg = load_config([f"workdir={tmp_path}", "data.max_bad_fraction=0.2", "data.num_workers=2"])
     assert cfg.data.max_bad_fraction == 0.2 and cfg.data.num_workers == 2

@@ -2,16 +2,24 @@
 
 Configs are Hydra's: `configs/config.yaml` plus groups, composed with command-line overrides
 on top of the typed schema below, so an unknown key or a value of the wrong type fails here,
-before any work, with the key named.
+before any work, with the key named. The schema holds every default; a group's YAML file sets
+only what its option changes. `_target_` blocks (optimizer, scheduler, Lightning callbacks) are
+checked against their target's signature (`check_targets`).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
+import inspect
 import os
+import pydoc
 import re
 import secrets
 import time
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,18 +113,24 @@ class TransformsConfig:
 
 @dataclass
 class StorageConfig:
-    root: str = ".visionflow/artifacts"
-    endpoint: str | None = None
+    """Where artifacts (datasets, checkpoints, models) go: a local directory or s3://bucket."""
+
+    root: str = "${workdir}/artifacts"
+    endpoint: str | None = None  # an S3 API's URL (MinIO); None: AWS's
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///.visionflow/mlflow.db"
+    """MLflow: by default a sqlite store under the working directory (`make mlflow-ui`)."""
+
+    uri: str = "sqlite:///${workdir}/mlflow.db"
     experiment: str = "visionflow"
 
 
 @dataclass
 class EvaluateConfig:
+    # The quality gate on the task's main test metric (classification accuracy, detection
+    # mAP@.5, segmentation mIoU): below it the model is registered, never champion.
     min_score: float = 0.9
     # false switches the quality gate off, and says so on the run and the model version: every
     # model with a finite score may then become champion (smoke runs and tests only)
@@ -125,22 +139,31 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
+    """Exported files against PyTorch on test images."""
+
+    # Max |difference| of the outputs (logits; detection: scores, and boxes as a share of the
+    # image side) and the share of decisions that agree (top-1 class; per-pixel class;
+    # detection: confident detections per image).
     atol: float = 1e-4
     min_agreement: float = 0.999
-    max_samples: int = 2000
+    max_samples: int = 2000  # test images for the parity checks (export's; int8 against fp32)
 
 
 @dataclass
 class QuantizeConfig:
+    # int8 that loses more than this many points of the task's main metric (x100) is rejected:
+    # no int8 file, and the run goes on with fp32. required: true fails the run instead.
     max_accuracy_drop: float = 1.0
     required: bool = False
-    calibration_samples: int = 512
-    bench_repeats: int = 20
+    calibration_samples: int = 512  # training images used to calibrate activations
+    bench_repeats: int = 20  # timed runs per model and batch size
 
 
 @dataclass
 class RegisterConfig:
-    model_name: str | None = None
+    model_name: str | None = (
+        None  # default: visionflow-<data.name>, plus -detection / -segmentation
+    )
 
 
 @dataclass
@@ -251,9 +274,12 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    # A run's identity. Rerunning a step with the same id resumes it (training restarts from
+    # the last checkpoint). None: each run gets a new id.
     run_id: str | None = None
     seed: int = 42
-    workdir: str = ".visionflow"
+    # Local working directory: caches, and the default artifact store and MLflow database.
+    workdir: str = "${oc.env:VISIONFLOW_HOME,.visionflow}"
 
 
 def config_dir() -> Path:
@@ -323,6 +349,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_paragraph(err)) from None
+    check_targets(to_container(cfg))
     if not cfg.run_id:
         cfg.run_id = new_run_id()
     if not _RUN_ID.fullmatch(cfg.run_id):
@@ -332,6 +359,94 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             "128 characters)"
         )
     return cfg
+
+
+def check_targets(node: Any, where: str = "") -> None:
+    """Check every `_target_` block in a config tree, nested ones too, against its target.
+
+    The target is imported by its dotted path, as `hydra.utils.instantiate` will, and the
+    block's keys must be keyword parameters of it, so that a misspelt key fails here rather than
+    when training starts. Keys starting with `_` are Hydra's (`_partial_`, `_args_`, ...).
+    """
+    if isinstance(node, dict):
+        if "_target_" in node:
+            path = node["_target_"]
+            try:  # pydoc's, not hydra.utils.get_object, which also logs the failure
+                target = pydoc.locate(path)
+            except pydoc.ErrorDuringImport as err:
+                raise ConfigError(
+                    f"{where}._target_={path!r} fails to import: {err.value}"
+                ) from None
+            if target is None:
+                raise ConfigError(
+                    f"{where}._target_={path!r} cannot be imported: no such module or name"
+                )
+            args = {k: v for k, v in node.items() if not str(k).startswith("_")}
+            check_call(target, args, where, path)
+        for key, value in node.items():
+            check_targets(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, f"{where}[{i}]")
+
+
+def check_call(fn: Callable, kwargs: dict[str, Any], where: str, what: str) -> None:
+    """Raise ConfigError naming `where.key` for the first keyword `fn` does not take, or a value
+    that its annotation rules out.
+
+    Callables that take **kwargs, or whose signature cannot be read (some builtins), accept any
+    key: what they reject shows only when they are called. Values are checked only against
+    annotations made of bool, int, float, str, None and Literal (`fits`).
+    """
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters
+    except Exception:  # no signature, or annotations that name what only type checkers see
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [name for name, p in params.items() if p.kind in kinds]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in kwargs.items():
+        if key not in accepted:
+            if takes_any:
+                continue
+            close = difflib.get_close_matches(key, accepted)
+            hint = (
+                f"did you mean {' or '.join(close)}?"
+                if close
+                else f"it takes: {', '.join(accepted)}"
+            )
+            raise ConfigError(f"{where}.{key} is not a parameter of {what}; {hint}")
+        if not fits(value, want := params[key].annotation):
+            raise ConfigError(f"{where}.{key}={value!r}: {what} takes {_type_name(want)} there")
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def fits(value: Any, want: Any) -> bool:
+    """Whether a config value can be passed where `want` is annotated.
+
+    Only bool, int, float (an int fits), str, None and Literal, alone or in a union, are
+    checked; a union with any other member, and every other annotation, admits anything.
+    """
+    if typing.get_origin(want) in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in typing.get_args(want))
+    if typing.get_origin(want) is typing.Literal:
+        return value in typing.get_args(want)
+    if want is None or want is type(None):
+        return value is None
+    if want not in _SCALARS:
+        return True
+    if isinstance(value, bool):
+        return want is bool
+    return isinstance(value, int | float) if want is float else isinstance(value, want)
+
+
+def _type_name(want: Any) -> str:
+    return want.__name__ if isinstance(want, type) else str(want).replace("typing.", "")
 
 
 def _one_paragraph(err: Exception) -> str:
