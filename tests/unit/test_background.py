@@ -107,6 +107,9 @@ def test_checkpoints_upload_whole_while_training_writes_newer_ones(tmp_path):
     store = SlowStore(tmp_path / "store", gate)
     io = StoreCheckpointIO(store, "checkpoints/run")
     local = tmp_path / "local" / "last.ckpt"
+    left = local.parent / ".uploads" / "last.ckpt.7"  # by a killed run
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"stale")
     io.save_checkpoint({"global_step": 1}, local)
     assert gate.started.wait(timeout=30)  # uploading step 1 ...
     for step in (2, 3):  # ... while training saves two more: 3 replaces 2, still pending

@@ -82,7 +82,10 @@ class StoreCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
         path = Path(path)
-        upload = path.parent / ".uploads" / f"{path.name}.{next(self._serial)}"
+        serial = next(self._serial)
+        if serial == 0:  # what a killed run left waiting: stale copies of stored checkpoints
+            shutil.rmtree(path.parent / ".uploads", ignore_errors=True)
+        upload = path.parent / ".uploads" / f"{path.name}.{serial}"
         super().save_checkpoint(checkpoint, upload, storage_options)
         _link(upload, path)
         key = f"{self.prefix}/{path.name}"
