@@ -13,16 +13,18 @@ S3 credentials come only from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACC
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
 
-from visionflow.retry import TransientError
+from visionflow.retry import ATTEMPT_TIMEOUT_S, TransientError, call, is_transient
 
 
 class StorageError(RuntimeError):
@@ -183,8 +185,30 @@ class LocalStore:
             shutil.copyfile(self._sidecar(src), self._sidecar(dst))
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _retried(method: _Method) -> _Method:
+    """An S3Store method, retried through visionflow.retry on transient failures (a whole
+    download or upload again: a dropped connection may cut one off midway)."""
+
+    @functools.wraps(method)
+    def retried(self: S3Store, *args: Any, **kwargs: Any) -> Any:
+        shown = (f"<{len(a)} bytes>" if isinstance(a, bytes) else str(a) for a in args)
+        operation = f"{method.__name__}({', '.join(shown)})"
+        return call(
+            lambda: method(self, *args, **kwargs), f"S3 endpoint {self.endpoint}", operation
+        )
+
+    return retried  # type: ignore[return-value]
+
+
 class S3Store:
-    """A bucket (and optional prefix) in MinIO or another S3 API, through the MinIO SDK."""
+    """A bucket (and optional prefix) in MinIO or another S3 API, through the MinIO SDK.
+
+    The bucket is looked for once, at once, when the store is opened; after that every call
+    retries transient failures for the retry budget (visionflow.retry).
+    """
 
     def __init__(self, root: str, endpoint: str | None) -> None:
         import urllib3
@@ -209,12 +233,10 @@ class S3Store:
             raise StorageError(
                 f"{root} needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )
-        # Fail in seconds, not minutes, when the endpoint is down.
+        # No retries here: calls retry through visionflow.retry, and the check below fails
+        # at once (a store that never answered is misconfigured, not down).
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5, read=60),
-            retries=urllib3.Retry(
-                total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
-            ),
+            timeout=urllib3.Timeout(connect=5, read=ATTEMPT_TIMEOUT_S), retries=False
         )
         self._client = Minio(
             ep.netloc,
@@ -247,6 +269,7 @@ class S3Store:
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._k(key)}"
 
+    @_retried
     def exists(self, key: str) -> bool:
         try:
             self._client.stat_object(self.bucket, self._k(key))
@@ -256,15 +279,19 @@ class S3Store:
                 return False
             raise
 
+    @_retried
     def put_file(self, local: Path, key: str) -> str:
         metadata = {"sha256": sha256_file(local)}  # sent as x-amz-meta-sha256
         self._client.fput_object(self.bucket, self._k(key), str(local), metadata=metadata)
         return self.uri(key)
 
+    @_retried
     def get_file(self, key: str, local: Path, sha256: str | None = None) -> Path:
         try:
             data = self._client.get_object(self.bucket, self._k(key))
         except self._S3Error as err:
+            if is_transient(err):
+                raise
             raise StorageError(f"cannot read {self.uri(key)}: {err.code}") from None
         try:
             expected = sha256 or data.headers.get("x-amz-meta-sha256")
@@ -273,14 +300,18 @@ class S3Store:
             data.close()
             data.release_conn()
 
+    @_retried
     def put_bytes(self, data: bytes, key: str) -> str:
         self._client.put_object(self.bucket, self._k(key), io.BytesIO(data), len(data))
         return self.uri(key)
 
+    @_retried
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
             resp = self._client.get_object(self.bucket, self._k(key))
         except self._S3Error as err:
+            if is_transient(err):
+                raise
             raise StorageError(f"cannot read {self.uri(key)}: {err.code}") from None
         try:
             data = resp.read(max_bytes + 1 if max_bytes is not None else None)
@@ -289,15 +320,18 @@ class S3Store:
             resp.close()
             resp.release_conn()
 
+    @_retried
     def list(self, prefix: str = "") -> list[str]:
         base = self._k(prefix)
         cut = len(self.prefix) + 1 if self.prefix else 0
         objs = self._client.list_objects(self.bucket, prefix=base, recursive=True)
         return sorted(o.object_name[cut:] for o in objs)
 
+    @_retried
     def delete(self, key: str) -> None:
         self._client.remove_object(self.bucket, self._k(key))
 
+    @_retried
     def copy(self, src: str, dst: str) -> None:
         """Copy `src` to `dst` in the server, metadata (the checksum) included."""
         from minio.commonconfig import CopySource

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from visionflow.retry import TransientError
+from visionflow.retry import TransientError, mlflow_http_env
 
 RUN_TAG = "visionflow.run_id"
 SWEEP_TAG = "visionflow.sweep_id"  # on a sweep's parent run and on each of its runs
@@ -25,9 +25,10 @@ SWEEP_PARENT_TAG = "visionflow.sweep_parent"  # "true" on the parent only
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under this one
 SWEEP_SETTLE_S = 0.5  # after creating a parent: time for one created elsewhere to show
 
-# A server that is down should fail a step in seconds, not after minutes of retries.
-# (MLflow's defaults retry a dead server for about four minutes.)
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+# MLflow's own HTTP client retries every MLflow call, by visionflow's one policy (retry.py); a
+# server that does not answer at all when a step starts fails it at once (check_reachable).
+for _name, _value in mlflow_http_env().items():
+    os.environ.setdefault(_name, _value)
 # Nothing leaves the machine unasked, and no "View run" banners in step logs.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

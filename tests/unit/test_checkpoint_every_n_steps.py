@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset
 
-from visionflow.callbacks.checkpointing import StepCheckpoint, step_checkpoints
+from visionflow.background import BackgroundError
+from visionflow.callbacks.checkpointing import StepCheckpoint, StoreCheckpointIO, step_checkpoints
 from visionflow.core.config import ConfigError, load_config
-from visionflow.steps.train import StoreCheckpointIO
 from visionflow.storage import LocalStore
 from visionflow.vision.data.cached import BatchAugment, DeviceBatches
 from visionflow.vision.data.datamodules import ShardDataModule
@@ -143,14 +143,16 @@ def test_a_failed_upload_leaves_the_stored_checkpoint_whole(tmp_path, monkeypatc
     store = LocalStore(tmp_path / "store")
     io = StoreCheckpointIO(store, "checkpoints/run")
     io.save_checkpoint({"global_step": 4}, tmp_path / "local" / "last.ckpt")
+    io.teardown()
 
     def half_then_die(src, dst, length=0):
         dst.write(src.read(10))
         raise OSError("killed mid-upload")
 
     monkeypatch.setattr("visionflow.storage.shutil.copyfileobj", half_then_die)
-    with pytest.raises(OSError, match="mid-upload"):
-        io.save_checkpoint({"global_step": 8}, tmp_path / "local" / "last.ckpt")
+    io.save_checkpoint({"global_step": 8}, tmp_path / "local" / "last.ckpt")
+    with pytest.raises(BackgroundError, match="upload of last.ckpt to .* failed: killed mid"):
+        io.teardown()
     stored = store.uri("checkpoints/run/last.ckpt")
     assert torch.load(stored, weights_only=True) == {"global_step": 4}
 

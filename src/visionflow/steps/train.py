@@ -2,12 +2,13 @@
 
 Checkpoints (`last.ckpt` every epoch and every `train.checkpoint_every_n_steps` optimizer steps,
 `best.ckpt` by the task's validation metric) are written locally and copied to
-`checkpoints/<run_id>/` in the store as soon as they are saved (by rank 0; each copy replaces the
-stored file only once complete, so a kill mid-upload leaves the previous one). Rerunning with
-the same run id downloads `last.ckpt` and continues from its step, mid-epoch if it was saved
-there: the rest of that epoch's batches in the same order, optimizer, LR schedule and step count
-as they were (`vision/data/resumable.py`). A `last.ckpt` that fails its checksum or does not
-load is skipped with a warning, for the one it replaced (`last-prev.ckpt`), then `best.ckpt`.
+`checkpoints/<run_id>/` in the store by a background thread as soon as they are saved (by rank 0;
+each copy replaces the stored file only once complete, so a kill mid-upload leaves the previous
+one), and all of them before the step ends. Rerunning with the same run id downloads `last.ckpt`
+and continues from its step, mid-epoch if it was saved there: the rest of that epoch's batches in
+the same order, optimizer, LR schedule and step count as they were (`vision/data/resumable.py`).
+A `last.ckpt` that fails its checksum or does not load is skipped with a warning, for the one it
+replaced (`last-prev.ckpt`), then `best.ckpt`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from visionflow import tracking
-from visionflow.callbacks.checkpointing import step_checkpoints
+from visionflow.callbacks.background_logger import BackgroundMLFlowLogger
+from visionflow.callbacks.checkpointing import (
+    BEST,
+    LAST,
+    PREVIOUS,
+    StoreCheckpointIO,
+    step_checkpoints,
+)
 from visionflow.core.config import flatten, to_container
 from visionflow.core.contracts import check_classifier, check_datamodule
 from visionflow.core.factories import (
@@ -59,37 +66,8 @@ class TrainResult:
     world_size: int = 1
 
 
-LAST, PREVIOUS, BEST = "last.ckpt", "last-prev.ckpt", "best.ckpt"
-
-
 def checkpoint_prefix(run_id: str) -> str:
     return f"checkpoints/{run_id}"
-
-
-class StoreCheckpointIO(TorchCheckpointIO):
-    """Saves checkpoints locally as usual, then copies each one to the artifact store.
-
-    A new `last.ckpt` first copies the stored one to `last-prev.ckpt`, for resuming should the
-    new one be corrupt; only one this process uploaded, so a corrupt one resumed past is not
-    kept in place of a good previous one.
-    """
-
-    def __init__(self, store: ArtifactStore, prefix: str) -> None:
-        super().__init__()
-        self.store, self.prefix = store, prefix
-        self._uploaded: set[str] = set()
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        super().save_checkpoint(checkpoint, path, storage_options)
-        name = Path(path).name
-        if name == LAST and LAST in self._uploaded:
-            self.store.copy(f"{self.prefix}/{LAST}", f"{self.prefix}/{PREVIOUS}")
-        self.store.put_file(Path(path), f"{self.prefix}/{name}")
-        self._uploaded.add(name)
-
-    def remove_checkpoint(self, path) -> None:
-        super().remove_checkpoint(path)
-        self.store.delete(f"{self.prefix}/{Path(path).name}")
 
 
 def train(cfg, dataset_id: str | None = None) -> TrainResult:
@@ -134,8 +112,6 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
         del saved
 
     # Only rank 0 talks to MLflow: other ranks would race to create the run.
-    from lightning.pytorch.loggers import MLFlowLogger
-
     # (Even creating an MLflow client opens the store: with sqlite, two ranks would both migrate it.)
     # Other ranks get a logger that does nothing, for callbacks that insist on one.
     from lightning.pytorch.loggers.logger import DummyLogger
@@ -144,7 +120,9 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     mlflow_run_id, logger = "", DummyLogger()
     if rank_zero_only.rank == 0:
         mlflow_run_id = tracking.run_for(cfg)
-        logger = MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=mlflow_run_id, log_model=False)
+        logger = BackgroundMLFlowLogger(
+            tracking_uri=cfg.tracking.uri, run_id=mlflow_run_id, log_model=False
+        )
     # Two callbacks: Lightning's save_last only writes when the monitored metric improves, and
     # resuming needs the newest state every epoch.
     checkpoint = ModelCheckpoint(
