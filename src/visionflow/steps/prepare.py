@@ -16,7 +16,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from visionflow.core.factories import datamodule_class
+from visionflow.compose.data import datamodule_class
 from visionflow.runs import save_step
 from visionflow.storage import open_store, sha256_file
 from visionflow.vision.data.datamodules import RawSample

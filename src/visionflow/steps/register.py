@@ -21,10 +21,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from visionflow import tracking
-from visionflow.core.factories import build_datamodule
+from visionflow.compose.data import build_datamodule
+from visionflow.compose.models import task_of
 from visionflow.runs import load_step, save_step
+from visionflow.sessions import ort_session
 from visionflow.storage import open_store, split_uri
-from visionflow.vision.inference import ort_session
 from visionflow.vision.tasks import get_task
 
 log = logging.getLogger("visionflow.register")
@@ -48,8 +49,6 @@ class RegisterResult:
 
 def model_name(cfg) -> str:
     """register.model_name, or visionflow-<data>[-<task> for detection and segmentation]."""
-    from visionflow.core.factories import task_of
-
     task = task_of(cfg)
     suffix = "" if task == "classification" else f"-{task}"
     return cfg.register.model_name or f"visionflow-{cfg.data.name}{suffix}"
