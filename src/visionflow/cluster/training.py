@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from visionflow.cluster.launcher import launch
+from visionflow.cluster import launcher
 from visionflow.cluster.pytorchjob import (
     POD_NAME_ENV,
     POD_UID_ENV,
@@ -95,7 +95,7 @@ def train_on_cluster(cfg, overrides: list[str], timeout_s: float | None = None) 
         meta.get("namespace", "(this pod's namespace)"),
         meta["name"],
     )
-    launch(
+    launcher.launch(
         job,
         timeout_s=timeout_s or cfg.cluster.active_deadline_seconds,
         required_secrets=secrets,
