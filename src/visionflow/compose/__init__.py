@@ -5,7 +5,8 @@
 - `training`: callbacks and the Lightning Trainer; only the train step needs them.
 - `validation`: every part a config names, checked before any work.
 
-Evaluation, export, quantize and serving import `models` and `data` only, never `training`.
+Evaluate, export, quantize and register import `models` and `data` only, never `training`
+(a contract in pyproject.toml says so).
 Hydra's `_target_` is used only for library classes (optimizers, schedulers, Lightning
 callbacks); visionflow's own parts come from the registries by name.
 """
