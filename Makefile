@@ -62,9 +62,10 @@ bench-serve: $(STAMP) $(BENCH_VENV)/bin/locust ## visionflow serve vs mlflow mod
 mlflow-ui: $(STAMP) ## serve the local MLflow store on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.visionflow/mlflow.db --host 127.0.0.1 --port 5000
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check; the import contracts (layers, no cycles) in pyproject
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint --failure-threshold warning images/*.Dockerfile
 
 # Images: tags are the package's constants (its version), so a compiled pipeline names exactly

@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.getLogger("visionflow").setLevel(logging.WARNING)
 
+    from visionflow.compose.data import build_datamodule
     from visionflow.core.config import load_config
-    from visionflow.core.factories import build_datamodule
+    from visionflow.host import describe_host, host_cpu
     from visionflow.runs import load_step
+    from visionflow.sessions import ort_graph_session, ort_session
     from visionflow.steps.quantize import (
         SETTINGS,
         _calibration_batches,
@@ -60,12 +62,6 @@ def main(argv: list[str] | None = None) -> None:
         quantize_int8,
     )
     from visionflow.storage import open_store, split_uri
-    from visionflow.vision.inference import (
-        describe_host,
-        host_cpu,
-        ort_graph_session,
-        ort_session,
-    )
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp) / "run"

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no locust at {args.locust}: `make bench-serve` creates .venv-bench")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops servers
 
-    from visionflow.vision.inference import describe_host, host_cpu
+    from visionflow.host import describe_host, host_cpu
 
     fresh = args.workdir is None
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="visionflow-bench-serve-"))).resolve()

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
+from visionflow.compose.models import build_model
 from visionflow.core.config import load_config, to_container
-from visionflow.core.factories import build_model
 from visionflow.vision.modules import ClassificationModule
 
 

@@ -109,8 +109,9 @@ def run(root: Path, workdir: Path, overrides: list[str], variants: list[list[str
     import lightning.pytorch as pl
     import torch
 
+    from visionflow.compose.data import build_datamodule
+    from visionflow.compose.models import build_model
     from visionflow.core.config import load_config, to_container
-    from visionflow.core.factories import build_datamodule, build_model
     from visionflow.steps.prepare import prepare
     from visionflow.storage import open_store
     from visionflow.vision.modules import ClassificationModule

@@ -36,8 +36,8 @@ def _latest_file(workdir: str) -> Path:
 def _step_config(step: str, overrides: list[str]):
     """Config for one step. Without run_id=..., prepare starts a new run and later steps
     continue the latest one."""
+    from visionflow.compose.validation import validate
     from visionflow.core.config import ConfigError, load_config
-    from visionflow.core.factories import validate
 
     given = any(o.startswith("run_id=") for o in overrides)
     cfg = load_config(overrides)
@@ -192,7 +192,8 @@ def _dispatch(args) -> int:
         cfg = load_config(args.overrides)  # its own run: rerun with its run_id=... to resume
         print(json.dumps({"run_id": cfg.run_id, **dataclasses.asdict(predict(cfg))}, default=str))
     elif args.command == "list":
-        from visionflow.core import factories, registry  # noqa: F401  (fills the registries)
+        import visionflow.compose.validation  # noqa: F401  (fills every registry)
+        from visionflow.core import registry
 
         reg = getattr(registry, args.kind.upper())
         print("\n".join(reg.list(args.pattern)))
@@ -222,8 +223,8 @@ def _submit(args) -> None:
     import tempfile
     import time
 
+    from visionflow.compose.validation import validate
     from visionflow.core.config import load_config
-    from visionflow.core.factories import validate
     from visionflow.kfp.compile import compile_pipeline
     from visionflow.kfp.submit import params_from_overrides, submit
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from visionflow.host import describe_host
 from visionflow.storage import ArtifactStore
 
 STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
@@ -72,8 +73,6 @@ def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, A
 def int8_summary(q: dict[str, Any]) -> dict[str, Any]:
     """What the summary says of int8: whether it was stored, rejected (and why) or unsupported;
     its figures only where it was stored; which variant was faster on quantize's host."""
-    from visionflow.vision.inference import describe_host  # torch: not at the CLI's start-up
-
     stored = q["status"] == "stored"
     figures = {
         "int8_accuracy_drop": q["accuracy_drop"],

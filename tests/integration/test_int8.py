@@ -11,15 +11,15 @@ this model (saturation; 16 on the default run's), while agreement still read 99.
 import numpy as np
 import pytest
 
+from visionflow.sessions import ort_graph_session, ort_session
 from visionflow.storage import open_store
-from visionflow.vision.inference import ort_graph_session, ort_session
 
 pytestmark = pytest.mark.slow
 
 
 def test_int8_decides_as_fp32_does_on_this_host(tmp_path):
+    from visionflow.compose.data import build_datamodule
     from visionflow.core.config import load_config
-    from visionflow.core.factories import build_datamodule
     from visionflow.steps.export import export
     from visionflow.steps.prepare import prepare
     from visionflow.steps.quantize import quantize

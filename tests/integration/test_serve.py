@@ -256,7 +256,7 @@ def is_json_error(response: requests.Response, status: int, *words: str) -> str:
 def evaluation_images(tiny_run):
     """The test split as evaluate sees it: (its dataset with the eval transform, each image's
     file bytes from the shards)."""
-    from visionflow.core.factories import build_datamodule
+    from visionflow.compose.data import build_datamodule
     from visionflow.storage import open_store
 
     cfg, results = tiny_run
@@ -313,8 +313,8 @@ def test_health_metadata_and_readiness(servers, registry):
 
 
 def test_v2_infer_with_a_tensor_matches_the_onnx_file(servers, tiny_run, tmp_path):
+    from visionflow.sessions import ort_session
     from visionflow.storage import split_uri
-    from visionflow.vision.inference import ort_session
 
     _, results = tiny_run
     s = servers["main"]
@@ -370,7 +370,7 @@ def test_served_predictions_equal_evaluates(servers, tiny_run, evaluation_images
     """The test split's files, uploaded to /v1 (as stored, and as JPEG and WebP): the served
     top-1 and probabilities are evaluate's (its dataset, transform and PyTorch network) for the
     same files, and the served accuracy on the stored files is evaluate's accuracy."""
-    from visionflow.vision.checkpoints import load_network
+    from visionflow.compose.models import load_network
     from visionflow.vision.images import decode_image
     from visionflow.vision.tasks import get_task
 

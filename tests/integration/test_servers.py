@@ -49,8 +49,8 @@ def test_coco_from_s3_serves_boxes_and_masks_to_both_tasks(tmp_path, s3_server, 
     """COCO images and instances JSON in S3 → prepare → the datamodule's detection targets and
     segmentation masks, checked against what the fixture drew."""
     from tests.unit.test_cifar_coco import make_coco
+    from visionflow.compose.data import build_datamodule
     from visionflow.core.config import load_config
-    from visionflow.core.factories import build_datamodule
     from visionflow.steps.prepare import prepare
     from visionflow.storage import open_store
 

@@ -61,7 +61,7 @@ def test_every_schema_key_can_be_overridden(tmp_path):
 
 
 def test_a_missing_required_value_is_named():
-    from visionflow.core.factories import validate
+    from visionflow.compose.validation import validate
 
     with pytest.raises(ConfigError, match=r"data=imagefolder needs data.root"):
         validate(load_config(["data=imagefolder"]))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from visionflow.compose.models import build_model
 from visionflow.core.config import ConfigError
 from visionflow.core.contracts import check_classifier, check_datamodule, model_params
-from visionflow.core.factories import build_model
 
 
 def test_model_options_are_checked_against_the_builder():

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from visionflow.compose.data import batch_augment
+from visionflow.compose.models import build_model
 from visionflow.core.config import ConfigError, load_config
-from visionflow.core.factories import batch_augment, build_model
 from visionflow.vision.data.cached import BatchAugment, DeviceBatches, batch_augment_from
 from visionflow.vision.modules import ClassificationModule
 
@@ -121,8 +122,9 @@ def test_fit_whitens_the_stem_from_the_first_training_images(tmp_path, monkeypat
     """The training module hands fast_cifar its first training images (all of them, here:
     fewer than 5,000) before the first step, as [0, 1] floats."""
     from tests.conftest import tiny_overrides
+    from visionflow.compose.data import build_datamodule
+    from visionflow.compose.training import build_trainer
     from visionflow.core.config import to_container
-    from visionflow.core.factories import build_datamodule, build_trainer
     from visionflow.steps.prepare import prepare
     from visionflow.storage import open_store
     from visionflow.vision.models.fast import FastCIFAR

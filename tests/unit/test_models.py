@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from visionflow.core.factories import build_model
+from visionflow.compose.models import build_model
 from visionflow.core.registry import MODELS
 
 

@@ -8,17 +8,16 @@ import yaml
 
 from visionflow import TRAIN_IMAGE
 from visionflow.cluster import training
+from visionflow.cluster.netpolicy import build_network_policy, validate_network_policy
 from visionflow.cluster.pytorchjob import (
     JOB_NAME_LABEL,
     POD_NAME_ENV,
     POD_UID_ENV,
-    build_network_policy,
     build_pytorchjob,
     job_name,
     step_owner,
     validate_job,
     validate_metadata,
-    validate_network_policy,
 )
 from visionflow.core.config import ConfigError, load_config
 

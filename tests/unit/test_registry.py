@@ -1,6 +1,6 @@
 import pytest
 
-from visionflow.core import factories  # noqa: F401  (fills the registries)
+import visionflow.compose.validation  # noqa: F401  (fills every registry)
 from visionflow.core.registry import (
     CALLBACKS,
     DATAMODULES,

@@ -7,8 +7,8 @@ import mlflow
 import numpy as np
 import pytest
 
+from visionflow.sessions import ort_session
 from visionflow.storage import open_store, sha256_file
-from visionflow.vision.inference import ort_session
 
 
 def test_prepare_writes_shards_and_a_manifest_that_describe_each_other(tiny_run, tmp_path):
@@ -130,7 +130,7 @@ def test_int8_weights_fit_seven_bits_so_no_cpu_saturates(tiny_run, tmp_path):
 
 
 def test_host_cpu_names_the_model_and_its_int8_flags(tmp_path):
-    from visionflow.vision.inference import host_cpu
+    from visionflow.host import host_cpu
 
     info = tmp_path / "cpuinfo"
     cpu = "flags\t\t: fpu sse4_1 avx avx2 fma avx512f avx512bw avx512_vnni amx_int8 rdrand\n"

@@ -128,10 +128,10 @@ def test_registered_model_serves_task_outputs(task_run):
 def test_detection_onnx_matches_pytorch_on_every_detection(tmp_path):
     """Untrained detections are not confident, so the export step's parity check would be
     trivial here: compare all of them, boxes and scores, on real shapes images."""
+    from visionflow.compose.models import build_model
     from visionflow.core.config import load_config
-    from visionflow.core.factories import build_model
+    from visionflow.sessions import ort_session
     from visionflow.vision.data.shapes import make_shape
-    from visionflow.vision.inference import ort_session
     from visionflow.vision.tasks import get_task
 
     cfg = load_config(["experiment=shapes_detection", f"workdir={tmp_path}",
@@ -221,8 +221,8 @@ def test_the_service_answers_in_the_original_images_pixels(task_run, tmp_path):
     from PIL import Image
 
     from tests.cluster_sim.servers import free_port, start, stop, wait_ok
+    from visionflow.sessions import ort_session
     from visionflow.vision.images import Preprocess
-    from visionflow.vision.inference import ort_session
     from visionflow.vision.tasks import get_task
 
     task, cfg, r = task_run

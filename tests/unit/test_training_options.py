@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import tiny_overrides
 from visionflow.callbacks.stopping import TaskEarlyStopping
+from visionflow.compose.models import build_model
+from visionflow.compose.training import build_callbacks, build_trainer
 from visionflow.core.config import ConfigError, load_config, to_container
-from visionflow.core.factories import build_callbacks, build_model, build_trainer
 from visionflow.vision.modules import ClassificationModule
 
 
@@ -108,8 +109,8 @@ def _assert_same(a, b):
 
 
 def test_ema_weights_are_what_validation_checkpoints_and_evaluation_use(monkeypatch, prepared):
+    from visionflow.compose.models import load_network
     from visionflow.storage import split_uri
-    from visionflow.vision.checkpoints import load_network
 
     # With early stopping as well: its threshold is always met, so 1 of 3 epochs runs.
     result, built = _train(
@@ -449,7 +450,7 @@ def test_progressive_resizing_trains_small_then_full_size(tmp_path):
 
 
 def test_mixup_trains_on_mixed_images_and_soft_labels(tmp_path):
-    from visionflow.core.factories import build_batch_transform
+    from visionflow.compose.data import build_batch_transform
 
     cfg = _config(tmp_path, "transforms.batch=[{name: mixup, alpha: 0.4}]")
     mix = build_batch_transform(cfg, "classification", 5)

@@ -5,14 +5,13 @@ import copy
 
 import pytest
 
+from visionflow.cluster.netpolicy import build_network_policy, validate_network_policy
 from visionflow.cluster.pytorchjob import (
     POD_NAME_ENV,
     POD_UID_ENV,
     WORKDIR,
-    build_network_policy,
     build_pytorchjob,
     step_owner,
-    validate_network_policy,
 )
 from visionflow.cluster.trainjob import (
     CONTAINER,

@@ -24,7 +24,7 @@ What the launcher relies on, and why:
   `SA_NAMESPACE_FILE`), else the kubeconfig context's, else `default`. An ownerReference to a
   Pod is only kept when the job runs in that pod's namespace: owners cannot cross namespaces,
   and the garbage collector would delete the job at once.
-- The NetworkPolicy (`pytorchjob.build_network_policy`) is created right after the job, owned
+- The NetworkPolicy (`netpolicy.build_network_policy`) is created right after the job, owned
   by it (the uid from the create response), so it goes wherever the job goes.
 - Pending: when the job's pods are not all running for `pending_timeout_s` (nothing can
   schedule them, an image cannot be pulled, a quota holds them back), the job is deleted and
@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from visionflow.cluster import pytorchjob, trainjob
+from visionflow.cluster import netpolicy, pytorchjob, trainjob
 from visionflow.cluster.kubeapi import (
     CONNECT_TIMEOUT_S,
     READ_TIMEOUT_S,
@@ -204,8 +204,8 @@ def launch(
         raise ValueError(f"pending_timeout_s must be 0 or more, got {pending_timeout_s!r}")
     job = _checked_copy(job)
     # The policy is built and validated before anything is created (the uid comes later).
-    pytorchjob.validate_network_policy(
-        pytorchjob.build_network_policy(job, "00000000-0000-0000-0000-000000000000")
+    netpolicy.validate_network_policy(
+        netpolicy.build_network_policy(job, "00000000-0000-0000-0000-000000000000")
     )
     api = api_client if api_client is not None else _default_client()
     run = _Launch(api, job, list(required_secrets), poll_s, pending_timeout_s or None, log)
@@ -633,7 +633,7 @@ class _Launch:
     def ensure_network_policy(self) -> None:
         """Create the job's NetworkPolicy (owned by the job), replacing a stale one."""
         group, version, plural = NETWORKING
-        policy = pytorchjob.build_network_policy(self.job, self.uid or "")
+        policy = netpolicy.build_network_policy(self.job, self.uid or "")
         what = f"NetworkPolicy {self.label}"
         for _attempt in range(3):
             try:

@@ -17,7 +17,6 @@ The job's lifecycle is bounded whoever launches it:
   kept for `kubectl logs`, goes after that long.
 - restartPolicy OnFailure and backoffLimit (`cluster.backoff_limit`, 3): a preempted or failed
   pod is restarted inside the job and training resumes from its last checkpoint.
-- `build_network_policy`: the NetworkPolicy the launcher creates next to the job, owned by it.
 """
 
 from __future__ import annotations
@@ -429,75 +428,3 @@ def validate_job(job: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
         }
         check_schema(pod, f"{role} pod template", k8s_version)
         check_pod_values(template["spec"], f"{role} pod template")
-
-
-# --- the NetworkPolicy next to the job -----------------------------------------------------------
-
-
-def pod_selector(job: dict[str, Any]) -> dict[str, str]:
-    """The label selector of the job's pods, as its operator labels them."""
-    if job.get("kind") == KIND:
-        return {JOB_NAME_LABEL: job["metadata"]["name"]}
-    from visionflow.cluster import trainjob
-
-    if job.get("kind") == trainjob.KIND:
-        return {trainjob.JOBSET_NAME_LABEL: job["metadata"]["name"]}
-    raise ValueError(f"no pods known for a {job.get('apiVersion')}/{job.get('kind')}")
-
-
-def rendezvous_port(job: dict[str, Any]) -> int:
-    """The port torch.distributed's rendezvous (the TCPStore on rank 0) listens on."""
-    if job.get("kind") == KIND:
-        master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-        for container in master["containers"]:
-            for port in container.get("ports") or []:
-                if port.get("name") == PORT_NAME:
-                    return int(port["containerPort"])
-        return 23456  # the Training Operator's default
-    from visionflow.cluster import trainjob
-
-    return trainjob.TRAINER_PORT
-
-
-def build_network_policy(job: dict[str, Any], uid: str) -> dict[str, Any]:
-    """The NetworkPolicy that admits traffic to the job's pods from the job's own pods only.
-
-    It selects the job's pods and admits ingress only from pods with the same job label, so the
-    rendezvous port (`rendezvous_port`) is reachable from the job's pods and from nothing else.
-    All ports are open between them: NCCL and gloo connect the ranks on ephemeral ports beside
-    the rendezvous, and a policy that admitted the rendezvous port alone would hang multi-node
-    training at its first collective. policyTypes is [Ingress]: the pods still reach MinIO,
-    MLflow and DNS. Its ownerReference to the job (`uid`, from the create response) makes the
-    garbage collector delete it with the job (by TTL, by the launcher, or with the run).
-    """
-    meta = job["metadata"]
-    selector = pod_selector(job)
-    port = rendezvous_port(job)
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "labels": dict(meta.get("labels") or {}),
-            "annotations": {"visionflow/rendezvous-port": str(port)},
-            "ownerReferences": [
-                {
-                    "apiVersion": job["apiVersion"],
-                    "kind": job["kind"],
-                    "name": meta["name"],
-                    "uid": uid,
-                }
-            ],
-        },
-        "spec": {
-            "podSelector": {"matchLabels": dict(selector)},
-            "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {"matchLabels": dict(selector)}}]}],
-        },
-    }
-
-
-def validate_network_policy(policy: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
-    """The policy against Kubernetes' networking.k8s.io/v1 schema (strict: no unknown fields)."""
-    check_schema(policy, "the job's NetworkPolicy", k8s_version)

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from visionflow.cluster import launcher
 from visionflow.cluster.pytorchjob import (
     POD_NAME_ENV,
     POD_UID_ENV,
@@ -18,6 +19,7 @@ from visionflow.cluster.pytorchjob import (
 )
 from visionflow.cluster.trainjob import build_trainjob, validate_trainjob
 from visionflow.core.config import ConfigError
+from visionflow.results import TrainResult
 from visionflow.runs import load_step
 from visionflow.storage import open_store
 
@@ -66,11 +68,8 @@ def build_job(cfg, overrides: list[str], owner: dict[str, Any] | None = None) ->
     return job
 
 
-def train_on_cluster(cfg, overrides: list[str], timeout_s: float | None = None):
+def train_on_cluster(cfg, overrides: list[str], timeout_s: float | None = None) -> TrainResult:
     """Run training as a cluster job and return rank 0's TrainResult from the artifact store."""
-    from visionflow.cluster.launcher import launch
-    from visionflow.steps.train import TrainResult
-
     owner = step_owner()
     job = build_job(cfg, overrides, owner)
     kind, meta = job["kind"], job["metadata"]
@@ -96,7 +95,7 @@ def train_on_cluster(cfg, overrides: list[str], timeout_s: float | None = None):
         meta.get("namespace", "(this pod's namespace)"),
         meta["name"],
     )
-    launch(
+    launcher.launch(
         job,
         timeout_s=timeout_s or cfg.cluster.active_deadline_seconds,
         required_secrets=secrets,

@@ -1,1 +1,1 @@
-"""Registry, contracts, config and factories shared by every task."""
+"""Registry, contracts and config shared by every task; imports nothing else of visionflow."""

@@ -1,7 +1,8 @@
 """One generic registry, one instance per kind of thing (models, datamodules, ...).
 
-Entries register themselves with a decorator when their module is imported; `visionflow.vision`
-imports every module that registers something, so importing it fills the registries.
+Entries register themselves with a decorator when their module is imported; the `compose`
+modules import the packages that register them (importing `visionflow.compose.validation` fills
+every registry). This module imports nothing of visionflow.
 """
 
 from __future__ import annotations

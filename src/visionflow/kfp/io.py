@@ -15,7 +15,7 @@ from visionflow.core.config import load_config
 
 
 def step_config(overrides: list[str], run_id: str):
-    from visionflow.core.factories import validate
+    from visionflow.compose.validation import validate
 
     logs.setup()
     cfg = load_config([*overrides, f"run_id={run_id}"])

@@ -41,8 +41,8 @@ def run_local(overrides: list[str], pipeline: str = "training") -> tuple[dict[st
     id. Returns the run summary (the last step's JSON) and the path of the file it was written
     to.
     """
+    from visionflow.compose.validation import validate
     from visionflow.core.config import ConfigError
-    from visionflow.core.factories import validate
 
     if pipeline not in STEPS:
         raise ConfigError(f"no pipeline {pipeline!r}: one of {', '.join(STEPS)}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from visionflow.host import describe_host
+
 
 def prepare_report(manifest: dict[str, Any]) -> str:
     lines = [f"# Dataset {manifest['id']}", "", f"Source: `{manifest['source']}`", "",
@@ -73,7 +75,6 @@ def _confusions_html(result) -> str:
 def quantize_report(r) -> str:
     """fp32 and int8 side by side, for the Kubeflow UI; a plain verdict first."""
     from visionflow.steps.quantize import speed_verdict
-    from visionflow.vision.inference import describe_host
 
     lines = ["# int8 quantization", ""]
     if r.status == "unsupported":

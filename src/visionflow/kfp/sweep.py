@@ -172,8 +172,8 @@ def _check_sweep_id(sweep_id: str, runs: int) -> str:
 
 def check_configs(sweep: Sweep) -> None:
     """Compose and validate every run's config; the first that fails is named."""
+    from visionflow.compose.validation import validate
     from visionflow.core.config import load_config
-    from visionflow.core.factories import validate
     from visionflow.core.registry import UnknownNameError
 
     for run in sweep.runs:

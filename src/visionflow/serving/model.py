@@ -2,7 +2,7 @@
 
 `ModelRef.parse` reads `name`, `name@alias` or `name/version`; `resolve` turns it into a version
 number with the MLflow client; `load_version` downloads that version's files and opens its ONNX
-files with the ONNX Runtime settings quantize measured with (`vision.inference.ort_session`).
+files with the ONNX Runtime settings quantize measured with (`sessions.ort_session`).
 A `LoadedVersion` preprocesses images as evaluate did (its recorded `transforms.eval`), runs a
 batch, and describes each image's outputs as JSON: labels, boxes, or a mask.
 """
@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from visionflow.host import describe_host, host_cpu
+from visionflow.sessions import ort_session
 from visionflow.vision.images import Preprocess
-from visionflow.vision.inference import describe_host, host_cpu, ort_session
+from visionflow.vision.inference import bench
 
 log = logging.getLogger("visionflow.serve")
 
@@ -229,8 +231,6 @@ def load_version(
 
 def _faster(loaded: LoadedVersion, batch_size: int, repeats: int = 10) -> tuple[str, str]:
     """int8 where it is faster than fp32 here at batch 1 and `batch_size`, timed side by side."""
-    from visionflow.steps.quantize import bench
-
     rng = np.random.default_rng(0)
     size = loaded.spec.image_size
     ratios = {}

@@ -6,7 +6,9 @@
 `{"boxes", "labels", "scores"}` dict per image (labels from 1; 0 is the background). The model
 config chooses the file it runs: `variant: int8` (where the version has one) or `fp32`. Register
 sets the default to the variant that quantize found faster on its host; the TorchScript file
-rides along for PyTorch servers.
+rides along for PyTorch servers. Each file runs with the ONNX Runtime settings quantize measured
+it with: register ships `visionflow/sessions.py` in the model's code (`code_paths`), imported
+here as `sessions`, so loading the model needs ONNX Runtime and numpy, not visionflow or torch.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
+from sessions import ort_session  # visionflow/sessions.py, in the model's code (register)
 
 
 class OnnxModel(PythonModel):
     def load_context(self, context) -> None:
-        import onnxruntime as ort
-
         config = context.model_config or {}
         variant = config.get("variant") or ("int8" if "onnx_int8" in context.artifacts else "fp32")
         key = {"int8": "onnx_int8", "fp32": "onnx"}.get(variant)
@@ -29,9 +30,7 @@ class OnnxModel(PythonModel):
             raise ValueError(f"this model has no {variant} file; use variant 'fp32'")
         self.task = config.get("task", "classification")
         self.classes = list(config.get("classes", []))
-        self.session = ort.InferenceSession(
-            context.artifacts[key], providers=["CPUExecutionProvider"]
-        )
+        self.session = ort_session(context.artifacts[key])
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, context, model_input, params=None):

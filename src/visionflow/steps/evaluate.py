@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from visionflow import tracking
-from visionflow.core.factories import build_datamodule
+from visionflow.compose.data import build_datamodule
+from visionflow.compose.models import load_network
 from visionflow.runs import load_step, save_step
 from visionflow.storage import open_store
-from visionflow.vision.checkpoints import load_network
 from visionflow.vision.metrics import top_confusions
 from visionflow.vision.tasks import get_task
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from visionflow.core.factories import build_datamodule
+from visionflow.compose.data import build_datamodule
+from visionflow.compose.models import load_network
 from visionflow.runs import load_step, save_step
+from visionflow.sessions import ort_session
 from visionflow.steps.evaluate import NonFiniteOutputError, finite_outputs
 from visionflow.storage import open_store
-from visionflow.vision.checkpoints import load_network
-from visionflow.vision.inference import ort_session
 from visionflow.vision.tasks import Parity, get_task
 from visionflow.vision.tasks.base import exporter_of
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from visionflow.core.factories import datamodule_class
+from visionflow.compose.data import datamodule_class
 from visionflow.runs import save_step
 from visionflow.storage import ArtifactStore, open_store, sha256_file
 from visionflow.vision.data.datamodules import RawSample

@@ -19,19 +19,20 @@ support (detection) the step says so and the run goes on with fp32.
 from __future__ import annotations
 
 import logging
-import statistics
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from visionflow.core.factories import build_datamodule, task_of
+from visionflow.compose.data import build_datamodule
+from visionflow.compose.models import task_of
+from visionflow.host import describe_host, host_cpu
 from visionflow.runs import load_step, save_step
+from visionflow.sessions import ort_session
 from visionflow.storage import open_store, split_uri
-from visionflow.vision.inference import describe_host, host_cpu, ort_predictor, ort_session
+from visionflow.vision.inference import bench
 from visionflow.vision.tasks import Parity, get_task
 
 log = logging.getLogger("visionflow.quantize")
@@ -114,21 +115,6 @@ def quantize_int8(
     quantize_static(str(prepped), str(out_path), Reader(calibration), **kwargs)
     prepped.unlink()
     return out_path
-
-
-def bench(sessions: dict[str, object], batch: np.ndarray, repeats: int) -> dict[str, float]:
-    """Median milliseconds per run of each session on `batch`, runs interleaved so that load on
-    the machine hits every session alike."""
-    runs = {name: ort_predictor(s) for name, s in sessions.items()}
-    for run in runs.values():
-        run(batch)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(batch)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_batches(sessions: dict[str, object], image_size: int, repeats: int) -> dict[str, float]:

@@ -40,10 +40,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from visionflow import tracking
-from visionflow.core.factories import build_datamodule
+from visionflow.compose.data import build_datamodule
+from visionflow.compose.models import task_of
 from visionflow.runs import load_step, save_step
+from visionflow.sessions import ort_session
 from visionflow.storage import open_store, split_uri
-from visionflow.vision.inference import ort_session
 from visionflow.vision.tasks import get_task
 
 log = logging.getLogger("visionflow.register")
@@ -51,6 +52,7 @@ log = logging.getLogger("visionflow.register")
 CHAMPION = "champion"
 ELECTION_ROUNDS = 20  # each round that does not settle follows another writer's alias write
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "onnx_pyfunc.py"
+SESSIONS_CODE = Path(__file__).resolve().parents[1] / "sessions.py"  # the pyfunc's one import
 
 
 @dataclass
@@ -68,8 +70,6 @@ class RegisterResult:
 
 def model_name(cfg) -> str:
     """register.model_name, or visionflow-<data>[-<task> for detection and segmentation]."""
-    from visionflow.core.factories import task_of
-
     task = task_of(cfg)
     suffix = "" if task == "classification" else f"-{task}"
     return cfg.register.model_name or f"visionflow-{cfg.data.name}{suffix}"
@@ -149,6 +149,7 @@ def register(
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_CODE),
+                code_paths=[str(SESSIONS_CODE)],
                 artifacts=files,
                 model_config={
                     "task": task.name,

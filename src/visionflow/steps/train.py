@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,38 +31,18 @@ from visionflow.callbacks.checkpointing import (
     StoreCheckpointIO,
     step_checkpoints,
 )
+from visionflow.cluster.training import train_on_cluster, use_pytorchjob
+from visionflow.compose.data import build_batch_transform, build_datamodule
+from visionflow.compose.models import build_model, task_of
+from visionflow.compose.training import build_callbacks, build_trainer, progress_callback
 from visionflow.core.config import flatten, to_container
 from visionflow.core.contracts import check_classifier, check_datamodule
-from visionflow.core.factories import (
-    build_batch_transform,
-    build_callbacks,
-    build_datamodule,
-    build_model,
-    build_trainer,
-    progress_callback,
-    task_of,
-)
+from visionflow.results import TrainResult
 from visionflow.runs import load_step, save_step
 from visionflow.storage import ArtifactStore, ChecksumError, StorageError, open_store
 from visionflow.vision.modules import MODULES
 
 log = logging.getLogger("visionflow.train")
-
-
-@dataclass
-class TrainResult:
-    checkpoint_uri: str  # best checkpoint in the artifact store
-    last_checkpoint_uri: str
-    monitor: str  # the validation metric that chose the best checkpoint (val/acc, val/map, ...)
-    best_score: float
-    global_step: int
-    epochs: int
-    resumed_from_step: int | None
-    mlflow_run_id: str
-    spec: dict[str, Any]
-    final_metrics: dict[str, float]  # the last epoch's logged values (the same on every rank)
-    rank: int = 0
-    world_size: int = 1
 
 
 def checkpoint_prefix(run_id: str) -> str:
@@ -173,8 +152,6 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
 
 def train_anywhere(cfg, overrides: list[str], dataset_id: str | None = None) -> TrainResult:
     """The train step where `cluster.launcher` says: here, or as a PyTorchJob on the cluster."""
-    from visionflow.cluster.training import train_on_cluster, use_pytorchjob
-
     if use_pytorchjob(cfg):
         return train_on_cluster(cfg, overrides)
     return train(cfg, dataset_id)

@@ -1,16 +1,33 @@
-"""Rebuild a trained network from a checkpoint in the artifact store."""
+"""The network a config names, or the trained one a checkpoint holds, and the run's task."""
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from visionflow.core.factories import build_model
+import visionflow.vision.models  # noqa: F401  (fills the MODELS registry)
+from visionflow.compose import plain
+from visionflow.core.contracts import model_params, model_task
 from visionflow.storage import split_uri
+
+
+def build_model(model_cfg: Any, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """The registered network; a builder that takes `image_size` (e.g. ViT) gets the data's."""
+    builder, params = model_params(plain(model_cfg))
+    if image_size is not None and "image_size" in inspect.signature(builder).parameters:
+        params.setdefault("image_size", image_size)
+    return builder(num_classes=num_classes, **params)
+
+
+def task_of(cfg: DictConfig) -> str:
+    """The run's task, from its model (classification, detection or segmentation)."""
+    return model_task(plain(cfg.model))
 
 
 def load_network(

@@ -1,0 +1,71 @@
+"""The data side of a run: transforms and the DataModule over a prepared dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+import visionflow.vision.data  # noqa: F401  (fills the DATAMODULES registry)
+from visionflow.compose import plain
+from visionflow.compose.models import task_of
+from visionflow.core.config import ConfigError
+from visionflow.core.registry import DATAMODULES, UnknownNameError
+from visionflow.storage import ArtifactStore
+from visionflow.vision.data.cached import batch_augment_from, check_cache_mode
+from visionflow.vision.tasks import get_task
+from visionflow.vision.transforms import batch, build_transform
+
+
+def build_transforms(cfg: DictConfig, task: str = "classification"):
+    size = cfg.data.image_size
+    train = build_transform(plain(cfg.transforms.train), size, "transforms.train", task=task)
+    evaluate = build_transform(plain(cfg.transforms.eval), size, "transforms.eval", task=task)
+    return train, evaluate
+
+
+def build_batch_transform(cfg: DictConfig, task: str, num_classes: int):
+    """MixUp/CutMix from `transforms.batch` (classification only), or None."""
+    steps = plain(cfg.transforms.batch)
+    batch.check_batch_transforms(steps, task, "transforms.batch")
+    return batch.build_batch_transform(steps, num_classes, "transforms.batch")
+
+
+def datamodule_class(name: str):
+    try:
+        return DATAMODULES.get(name)
+    except UnknownNameError as err:
+        raise ConfigError(f"data.name: {err}") from None
+
+
+def batch_augment(cfg: DictConfig, task: str = "classification"):
+    """The on-device augmentation for `data.cache` memory|gpu; None for the shard path."""
+    if check_cache_mode(cfg.data.cache) == "none":
+        return None
+    if task != "classification":
+        raise ConfigError(
+            f"data.cache={cfg.data.cache} serves classification batches only; the model is "
+            f"for {task}: use data.cache=none"
+        )
+    batch_augment_from(plain(cfg.transforms.eval), "transforms.eval")  # only resize there
+    return batch_augment_from(plain(cfg.transforms.train), "transforms.train")
+
+
+def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str):
+    """The run's DataModule over a prepared dataset, serving targets for the model's task."""
+    task = task_of(cfg)
+    train_tf, eval_tf = build_transforms(cfg, task)
+    return datamodule_class(cfg.data.name)(
+        store=store,
+        dataset_id=dataset_id,
+        cache_dir=Path(cfg.workdir) / "cache" / "datasets",
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        cache=cfg.data.cache,
+        batch_augment=batch_augment(cfg, task),
+        seed=cfg.seed,
+        task=task,
+        collate_fn=get_task(task).collate(),
+    )
