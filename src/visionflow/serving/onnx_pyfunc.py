@@ -16,7 +16,11 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
-from sessions import ort_session  # visionflow/sessions.py, in the model's code (register)
+
+try:  # loading: sessions.py is in the model's code, which MLflow puts on sys.path
+    from sessions import ort_session
+except ModuleNotFoundError:  # logging: MLflow imports this file before the model has code
+    from visionflow.sessions import ort_session
 
 
 class OnnxModel(PythonModel):
