@@ -208,12 +208,11 @@ def _dispatch(args) -> int:
     elif args.command == "config":
         from omegaconf import OmegaConf
 
-        import visionflow.vision.models  # noqa: F401  (fills MODELS)
-        from visionflow.core.config import load_config, to_container
-        from visionflow.core.contracts import model_params
+        from visionflow.compose.validation import check_options
+        from visionflow.core.config import load_config
 
         cfg = load_config(args.overrides)  # the schema and every `_target_` block
-        model_params(to_container(cfg.model))  # the model's name and options
+        check_options(cfg)  # the model, transforms and callbacks it names
         print(OmegaConf.to_yaml(cfg), end="")
     return 0
 

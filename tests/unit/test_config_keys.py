@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from visionflow import cli
-from visionflow.core.config import ConfigError, check_call, config_dir, load_config, to_container
+from visionflow.core.config import ConfigError, check_call, config_dir, load_config
 
 CONFIGS = config_dir()
 
@@ -92,6 +92,27 @@ def test_targets_with_var_keywords_take_any_key():
     check_call(anything, {"whatever": 1}, "x", "anything")
 
 
+def test_a_class_passing_var_keywords_to_its_base_takes_the_bases_keys():
+    class Base:
+        def __init__(self, patience: int = 3, min_delta: float = 0.0) -> None: ...
+
+    class Named(Base):
+        def __init__(self, monitor: str | None = None, **kwargs) -> None:
+            super().__init__(**kwargs)
+
+    check_call(Named, {"monitor": "val/acc", "patience": 5}, "c", "named")
+    with pytest.raises(ConfigError, match="c.patiencee is not a parameter of named; did you mean"):
+        check_call(Named, {"patiencee": 5}, "c", "named")
+
+
+def test_a_named_callbacks_misspelt_option_fails_in_config():
+    from visionflow.compose.validation import check_options
+
+    cfg = load_config(["callbacks=early_stopping", "+callbacks.early_stopping.patiencee=3"])
+    with pytest.raises(ConfigError, match="callbacks.early_stopping.patiencee .*patience"):
+        check_options(cfg)
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
@@ -123,11 +144,9 @@ def test_values_are_checked_only_where_the_annotation_says_enough():
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_composes_and_validates(experiment):
-    import visionflow.vision.models  # noqa: F401  (fills MODELS)
-    from visionflow.core.contracts import model_params
+    from visionflow.compose.validation import check_options
 
-    cfg = load_config([f"experiment={experiment}"])
-    model_params(to_container(cfg.model))
+    check_options(load_config([f"experiment={experiment}"]))
 
 
 @pytest.mark.parametrize(
@@ -137,7 +156,9 @@ def test_every_experiment_composes_and_validates(experiment):
     + [f"optim/scheduler={o}" for o in _options("optim/scheduler")],
 )
 def test_every_callbacks_and_optim_option_validates(override):
-    load_config([override])
+    from visionflow.compose.validation import check_options
+
+    check_options(load_config([override]))
 
 
 @pytest.mark.parametrize("option", _options("model"))

@@ -13,8 +13,29 @@ from visionflow.compose.data import (
     datamodule_class,
 )
 from visionflow.compose.models import task_of
-from visionflow.core.config import ConfigError
+from visionflow.core.config import ConfigError, check_call, to_container
+from visionflow.core.contracts import model_params
 from visionflow.core.registry import CALLBACKS, UnknownNameError
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Check the registered options a config names (model, transforms, callbacks) by name and
+    key, without its data: what `visionflow config` checks beyond the `_target_` blocks that
+    `load_config` binds. Raises ConfigError naming the key."""
+    task = task_of(cfg)
+    model_params(to_container(cfg.model))
+    build_transforms(cfg, task)
+    batch_augment(cfg, task)
+    build_batch_transform(cfg, task, num_classes=2)  # any count: this checks names and options
+    for key, entry in (plain(cfg.callbacks) or {}).items():
+        if entry and "_target_" not in entry:
+            name = entry.get("name")
+            try:
+                factory = CALLBACKS.get(name)
+            except UnknownNameError as err:
+                raise ConfigError(f"callbacks.{key}: {err}") from None
+            options = {k: v for k, v in entry.items() if k != "name"}
+            check_call(factory, options, f"callbacks.{key}", name)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -22,6 +43,7 @@ def validate(cfg: DictConfig) -> None:
 
     Raises ConfigError naming the key; builds nothing heavier than the transforms.
     """
+    check_options(cfg)
     task = task_of(cfg)
     source = datamodule_class(cfg.data.name)
     if task not in source.tasks:
@@ -32,12 +54,3 @@ def validate(cfg: DictConfig) -> None:
     for key in source.required:
         if cfg.data.get(key) in (None, ""):
             raise ConfigError(f"data={cfg.data.name} needs data.{key}: set it, e.g. data.{key}=...")
-    build_transforms(cfg, task)
-    batch_augment(cfg, task)
-    build_batch_transform(cfg, task, num_classes=2)  # any count: this checks names and options
-    for key, entry in (plain(cfg.callbacks) or {}).items():
-        if entry and "_target_" not in entry:
-            try:
-                CALLBACKS.get(entry.get("name"))
-            except UnknownNameError as err:
-                raise ConfigError(f"callbacks.{key}: {err}") from None

@@ -398,16 +398,22 @@ def check_call(fn: Callable, kwargs: dict[str, Any], where: str, what: str) -> N
     key: what they reject shows only when they are called. Values are checked only against
     annotations made of bool, int, float, str, None and Literal (`fits`).
     """
-    try:
-        params = inspect.signature(fn, eval_str=True).parameters
-    except Exception:  # no signature, or annotations that name what only type checkers see
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
+    params: dict[str, inspect.Parameter] = {}
+    # A class whose __init__ passes **kwargs on (to its base's __init__) takes what they take.
+    inits = (
+        [c.__init__ for c in fn.__mro__ if "__init__" in vars(c)] if isinstance(fn, type) else [fn]
+    )
+    takes_any = True
+    for init in inits:
+        own = _parameters(init)
+        if own is None:
             return
+        params = {**own, **params}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            takes_any = False
+            break
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    accepted = [name for name, p in params.items() if p.kind in kinds]
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [name for name, p in params.items() if p.kind in kinds and name != "self"]
     for key, value in kwargs.items():
         if key not in accepted:
             if takes_any:
@@ -421,6 +427,17 @@ def check_call(fn: Callable, kwargs: dict[str, Any], where: str, what: str) -> N
             raise ConfigError(f"{where}.{key} is not a parameter of {what}; {hint}")
         if not fits(value, want := params[key].annotation):
             raise ConfigError(f"{where}.{key}={value!r}: {what} takes {_type_name(want)} there")
+
+
+def _parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:
+    """`fn`'s parameters, or None where its signature cannot be read (some builtins)."""
+    try:
+        return dict(inspect.signature(fn, eval_str=True).parameters)
+    except Exception:  # annotations that name what only type checkers see
+        try:
+            return dict(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            return None
 
 
 _SCALARS = (bool, int, float, str)
