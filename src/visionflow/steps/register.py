@@ -171,7 +171,7 @@ def register(
         "git_commit": git_commit(),
         "classes": ",".join(classes),
         "task": task.name,
-        "onnx_exporter": rec["export"].get("onnx_exporter", ""),  # dynamo, or legacy (why)
+        "onnx_exporter": rec["export"]["onnx_exporter"],  # dynamo, or legacy (why)
         "gate": gate,
         **({"gate_min_score": str(cfg.evaluate.min_score)} if gate != "disabled" else {}),
         f"test_{task.metric}": repr(new_score),  # what the champion election compares
