@@ -43,8 +43,8 @@ def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, A
     evaluation, quantized = r["evaluate"], r["quantize"]
     return {
         "tracking_uri": tracking_uri,
-        "run_id": r["train"]["mlflow_run_id"],
-        "visionflow_run_id": run_id,
+        "run_id": run_id,  # visionflow's, as everywhere else
+        "mlflow_run_id": r["train"]["mlflow_run_id"],
         "task": evaluation["task"],
         "model_name": r["register"]["model_name"],
         "model_version": r["register"]["model_version"],

@@ -90,7 +90,7 @@ def test_a_run_from_the_ui_with_default_parameters(sim, ui_run):
     assert summary["isolation"]["writes_outside_own_dir_refused"]
     assert summary["isolation"]["rendezvous_port"]["outsider"] == "refused"
     assert summary["isolation"]["steps"] == 7
-    keys, run = sim.s3.keys(sim.bucket), summary["visionflow_run_id"]
+    keys, run = sim.s3.keys(sim.bucket), summary["run_id"]
     for key in (f"checkpoints/{run}/best.ckpt", f"checkpoints/{run}/last.ckpt",
                 f"models/{run}/model.onnx", f"models/{run}/model.torchscript.pt",
                 f"runs/{run}/register.json", f"datasets/{summary['dataset_id']}/manifest.json"):  # fmt: skip
@@ -101,7 +101,7 @@ def test_a_run_from_the_ui_with_default_parameters(sim, ui_run):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=sim.tracking)
-    assert client.get_run(summary["run_id"]).data.metrics["test/accuracy"] == pytest.approx(
+    assert client.get_run(summary["mlflow_run_id"]).data.metrics["test/accuracy"] == pytest.approx(
         summary["test_accuracy"]
     )
     version = client.get_model_version(summary["model_name"], str(summary["model_version"]))

@@ -29,7 +29,7 @@ def test_pipeline_runs_end_to_end_and_registers_the_model(tmp_path):
     assert first["onnx_max_abs_diff"] <= 1e-4 and first["torchscript_max_abs_diff"] <= 1e-4
     for uri in first["artifacts"].values():
         assert uri.startswith("models:/") or Path(uri).exists(), uri
-    written = tmp_path / "runs" / first["visionflow_run_id"] / "summary.json"
+    written = tmp_path / "runs" / first["run_id"] / "summary.json"
     assert json.loads(written.read_text()) == first
     # What the Kubeflow UI shows for quantize: both variants side by side, and which is faster.
     report = sorted((tmp_path / "kfp").glob("visionflow-training-*/quantize/report"))[0]

@@ -85,8 +85,8 @@ def test_every_combination_is_checked_and_the_bad_one_named():
 
 
 def _summary(n: int, version: int, champion: bool) -> dict:
-    return {"tracking_uri": "sqlite:///unused.db", "run_id": f"mlflow-{n}",
-            "visionflow_run_id": f"s-{n}", "model_name": "visionflow-shapes",
+    return {"tracking_uri": "sqlite:///unused.db", "run_id": f"s-{n}",
+            "mlflow_run_id": f"mlflow-{n}", "model_name": "visionflow-shapes",
             "model_version": version, "champion": champion, "test_accuracy": 0.5 + n / 10}  # fmt: skip
 
 
