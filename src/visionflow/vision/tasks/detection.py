@@ -27,6 +27,23 @@ LEGACY_EXPORT = (
 )
 
 
+class _Outputs(torch.nn.Module):
+    """A detector whose ONNX outputs are OUTPUTS in that order, for one image.
+
+    torchvision's detectors return one dict per image, and their key orders differ (Faster
+    R-CNN: boxes, labels, scores; RetinaNet and SSD: boxes, scores, labels); the exporter names
+    a dict's values by position, so without this RetinaNet's scores would be called `labels`.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        detections = self.net(images)[0]
+        return tuple(detections[key] for key in OUTPUTS)
+
+
 def _numpy(detections) -> list[dict[str, np.ndarray]]:
     return [{k: d[k].detach().cpu().numpy() for k in OUTPUTS} for d in detections]
 
@@ -154,7 +171,9 @@ class DetectionTask(Task):
     def export_onnx(self, net, path, image_size, opset=18):
         example = ([torch.rand(3, image_size, image_size)],)
         axes = {"images": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in OUTPUTS}}
-        return onnx_export(net, example, path, list(OUTPUTS), axes, opset, legacy=LEGACY_EXPORT)
+        return onnx_export(
+            _Outputs(net).eval(), example, path, list(OUTPUTS), axes, opset, legacy=LEGACY_EXPORT
+        )
 
     def export_torchscript(self, net, path, image_size):
         torch.jit.save(torch.jit.script(net.eval()), str(path))
