@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 LAYOUT = ("samples", "batch_size", "world_size", "seed", "shuffle", "drop_last")
 
@@ -48,11 +48,11 @@ def seed_for(*parts: int) -> int:
 
 
 class EpochOrder:
-    """This rank's sample indices for each epoch, as DistributedSampler deals them: a permutation
-    seeded by (seed, epoch), the same on every rank (or the natural order without shuffling),
-    padded to a multiple of `world_size` by repeating its first indices, then every
-    `world_size`-th index from `rank`. `set_epoch` chooses the epoch; Lightning calls it as each
-    epoch starts."""
+    """This rank's sample indices for each epoch, dealt by torch's DistributedSampler: a
+    permutation seeded by (seed, epoch), the same on every rank (or the natural order without
+    shuffling), padded to a multiple of `world_size`, then every `world_size`-th index from
+    `rank`. `set_epoch` chooses the epoch; Lightning calls it as each epoch starts. Held as the
+    sampler's arguments, so any epoch's order can be dealt again when a run resumes."""
 
     def __init__(
         self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
@@ -71,16 +71,11 @@ class EpochOrder:
         return self.per_rank
 
     def indices(self, epoch: int | None = None) -> torch.Tensor:
-        epoch = self.epoch if epoch is None else epoch
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        pad = self.per_rank * self.world_size - self.n
-        if pad:  # every rank gets the same count: repeat the first samples
-            order = torch.cat([order, order[:pad]])
-        return order[self.rank :: self.world_size]
+        sampler = DistributedSampler(
+            range(self.n), self.world_size, self.rank, shuffle=self.shuffle, seed=self.seed
+        )
+        sampler.set_epoch(self.epoch if epoch is None else epoch)
+        return torch.tensor(list(sampler), dtype=torch.long)
 
 
 class ResumableBatches:
