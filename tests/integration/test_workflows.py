@@ -37,7 +37,7 @@ from tests.integration.conftest import visionflow
 
 pytestmark = pytest.mark.slow
 
-scenarios("../features/workflows.feature")
+scenarios("workflows.feature")  # in bdd_features_base_dir: tests/features
 
 CLASSES = ("red", "green", "blue")
 # A pipeline run that takes seconds per step: a narrow CNN, 3 epochs of 240 small images.
