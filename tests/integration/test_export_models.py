@@ -29,7 +29,7 @@ SMALL = {"min_size": 64, "max_size": 64}
 ALL_DETECTIONS = {
     "fasterrcnn_mobilenet_v3": {"box_score_thresh": 0.0, "box_detections_per_img": 10, **SMALL},
     "retinanet_mobilenet_v3": {"score_thresh": 0.0, "detections_per_img": 10, **SMALL},
-    "retinanet_resnet50": {"score_thresh": 0.0, "detections_per_img": 10, **SMALL},
+    "retinanet_resnet50": {"score_thresh": 0.0, **SMALL},
     "ssdlite_mobilenet_v3": {"score_thresh": 0.0, "detections_per_img": 10},
 }
 # Found by this test: torchvision's RetinaNet and SSD return (boxes, scores, labels), which the
@@ -37,6 +37,8 @@ ALL_DETECTIONS = {
 SWAPPED = pytest.mark.xfail(
     strict=True, reason="ONNX export names RetinaNet's and SSD's scores `labels` and vice versa"
 )
+# Also found here: torch.jit.trace's check fails on ViT ("Graphs differed across invocations").
+UNTRACEABLE = pytest.mark.xfail(strict=True, reason="tracing vit_b_16 fails its sanity check")
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
 
 
@@ -70,7 +72,8 @@ def _assert_same_detections(ours, theirs, size: int) -> None:
 
 def _cases():
     for name in MODELS.list():
-        yield pytest.param(name, "torchscript", id=f"{name}-torchscript")
+        untraceable = [UNTRACEABLE] if name == "vit_b_16" else []
+        yield pytest.param(name, "torchscript", id=f"{name}-torchscript", marks=untraceable)
         swapped = name.startswith(("retinanet", "ssdlite"))
         yield pytest.param(name, "onnx", id=f"{name}-onnx", marks=[SWAPPED] if swapped else [])
 
