@@ -47,6 +47,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     assert sum(m["splits"][s]["count"] for s in m["splits"]) == 20
 
 
+@pytest.mark.slow  # a `visionflow` process: its imports take seconds
 def test_unknown_model_fails_before_any_work(tmp_path):
     proc = visionflow("pipeline", "run", *tiny_overrides(tmp_path), "model.name=nope")
     assert proc.returncode == 2
@@ -54,6 +55,7 @@ def test_unknown_model_fails_before_any_work(tmp_path):
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "kfp").exists()
 
 
+@pytest.mark.slow  # a `visionflow` process: its imports take seconds
 def test_bad_override_names_the_key(tmp_path):
     proc = visionflow("prepare", *tiny_overrides(tmp_path), "trainer.max_epochs=many")
     assert proc.returncode == 2
@@ -76,6 +78,7 @@ def test_missing_bucket_is_named(tmp_path, s3_server):
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # a `visionflow` process: its imports take seconds
 def test_unreachable_s3_endpoint_fails_fast(tmp_path):
     env = {**S3_ENV, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     proc = visionflow("prepare", *tiny_overrides(tmp_path), "storage=minio", env=env, timeout=120)

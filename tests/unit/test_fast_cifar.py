@@ -83,6 +83,7 @@ def test_experiment_configs_compose(tmp_path):
         batch_augment(load_config(["data.cache=disk", f"workdir={tmp_path}"]))
 
 
+@pytest.mark.slow  # a training
 def test_training_from_the_memory_cache_learns(tmp_path):
     """The train step end to end on the cached path learns: beyond chance (0.2) on shapes."""
     from tests.conftest import tiny_overrides
