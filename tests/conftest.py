@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=shapes_tiny"]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs the suite on several pytest-xdist workers with `--dist loadgroup`: each
+    module's tests run on one worker (so its module-scoped fixtures start once), unless the
+    module names a group that it shares with others (`xdist_group`: a costly session fixture
+    or the host's network namespaces)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_tracking_uri():
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which `tracking=server` reads:

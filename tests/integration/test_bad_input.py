@@ -1,4 +1,5 @@
-"""What a user can get wrong ends with a clear message, a non-zero exit, and nothing half-written."""
+"""What a user can get wrong ends with a clear message, a non-zero exit, and nothing half-written.
+(Too many unusable images: tests/features/workflows.feature.)"""
 
 import io
 import random
@@ -46,17 +47,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     assert sum(m["splits"][s]["count"] for s in m["splits"]) == 20
 
 
-def test_too_many_bad_images_fail_prepare_and_write_nothing(tmp_path):
-    _tree(tmp_path / "images", bad=("corrupt", "truncated"))
-    proc = visionflow(
-        "prepare", f"workdir={tmp_path}", "data=imagefolder", f"data.root={tmp_path / 'images'}"
-    )
-    assert proc.returncode == 1
-    assert "2 of 22 files (9.1%) are unusable, more than data.max_bad_fraction=5.0%" in proc.stderr
-    assert "corrupt.jpg" in proc.stderr
-    assert not (tmp_path / "artifacts" / "datasets").exists()
-
-
+@pytest.mark.slow  # a `visionflow` process: its imports take seconds
 def test_unknown_model_fails_before_any_work(tmp_path):
     proc = visionflow("pipeline", "run", *tiny_overrides(tmp_path), "model.name=nope")
     assert proc.returncode == 2
@@ -64,6 +55,7 @@ def test_unknown_model_fails_before_any_work(tmp_path):
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "kfp").exists()
 
 
+@pytest.mark.slow  # a `visionflow` process: its imports take seconds
 def test_bad_override_names_the_key(tmp_path):
     proc = visionflow("prepare", *tiny_overrides(tmp_path), "trainer.max_epochs=many")
     assert proc.returncode == 2
@@ -86,6 +78,7 @@ def test_missing_bucket_is_named(tmp_path, s3_server):
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # a `visionflow` process: its imports take seconds
 def test_unreachable_s3_endpoint_fails_fast(tmp_path):
     env = {**S3_ENV, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     proc = visionflow("prepare", *tiny_overrides(tmp_path), "storage=minio", env=env, timeout=120)
@@ -93,6 +86,7 @@ def test_unreachable_s3_endpoint_fails_fast(tmp_path):
     assert "cannot reach S3 endpoint http://127.0.0.1:9" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_fails_train_before_any_checkpoint(tmp_path):
     args = [*tiny_overrides(tmp_path), "run_id=unreachable"]
     assert visionflow("prepare", *args).returncode == 0

@@ -33,7 +33,7 @@ from PIL import Image
 
 from tests.integration.conftest import BUCKET, S3_ENV, visionflow
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
 
 NAME = "visionflow-shapes"
 CORRUPT = {"a/broken.png": b"not an image at all", "b/cut.jpg": b"\xff\xd8\xff\xe0 cut short"}

@@ -20,7 +20,8 @@ from tests.cluster_sim import netns, sandbox
 from tests.cluster_sim.kfp_runner import TaskFailed
 from tests.cluster_sim.sim import CANARY, Simulation
 
-pytestmark = pytest.mark.slow
+# One xdist worker for everything that makes network namespaces (test_netns.py too).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("netns")]
 
 
 @pytest.fixture(scope="module")

@@ -135,12 +135,9 @@ def test_failure_raises_with_the_masters_last_lines_and_deletes_the_job(k8s):
 
 def test_timeout_deletes_the_job(k8s):
     fake = k8s(life=JobLife([Step("Created"), Step("Running", log=["still training"])]))
-    start = time.monotonic()
-
     with pytest.raises(LaunchTimeout, match="did not finish before the timeout") as err:
         run(fake, timeout_s=0.6)
 
-    assert time.monotonic() - start < 5
     assert "still training" in str(err.value)
     assert [d["name"] for d in fake.deleted] == [NAME]
 
@@ -156,12 +153,10 @@ def test_timeout_deletes_the_job(k8s):
 def test_missing_secret_seen_on_the_pods_fails_fast_and_deletes_the_job(k8s, waiting, expected):
     # The Role cannot read Secrets: the kubelet's CreateContainerConfigError on the pod tells.
     fake = k8s(life=JobLife([Step("Created", waiting=("CreateContainerConfigError", waiting))]))
-    start = time.monotonic()
-
-    with pytest.raises(LaunchError) as err:
+    with pytest.raises(LaunchError) as err:  # not LaunchTimeout: it did not wait for the pods
         run(fake, timeout_s=30, required_secrets=["s3-creds"])
 
-    assert time.monotonic() - start < 5
+    assert not isinstance(err.value, LaunchTimeout)
     assert expected in str(err.value)
     assert "kubectl -n team-a" in str(err.value)
     assert [d["name"] for d in fake.deleted] == [NAME]
@@ -192,14 +187,12 @@ def test_unreachable_api_server_fails_within_seconds_naming_the_host():
     from kubernetes import client
 
     api = client.ApiClient(client.Configuration(host="http://127.0.0.1:9"))
-    start = time.monotonic()
-
     with pytest.raises(
         LaunchError, match=r"cannot reach the Kubernetes API server at http://127\.0\.0\.1:9"
-    ):
+    ) as err:
         launch(built(), timeout_s=60, poll_s=POLL, api_client=api, log=lambda line: None)
 
-    assert time.monotonic() - start < 5
+    assert not isinstance(err.value, LaunchTimeout)  # it gave up on the host, not on the job
 
 
 def test_polling_rides_out_a_short_api_outage(k8s):
@@ -529,7 +522,7 @@ def test_unschedulable_pods_fail_after_the_pending_timeout_naming_the_reason(k8s
     with pytest.raises(PodsPending) as err:
         run(fake, built("cluster.gpus_per_node=8"), timeout_s=30, pending_timeout_s=0.5)
 
-    assert 0.5 <= time.monotonic() - start < 5
+    assert time.monotonic() - start >= 0.5  # it waited out the pending timeout
     msg = str(err.value)
     assert msg.startswith(f"PyTorchJob {NS}/{NAME}: its pods were not all running after 0.5 s")
     assert "(cluster.pending_timeout_s), so it was deleted" in msg

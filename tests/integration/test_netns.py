@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,6 +30,9 @@ from tests.cluster_sim.netns import (
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
+
+# Real namespaces on this host: one xdist worker makes them all (test_cluster_sim.py too).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("netns")]
 
 
 def _unavailable(exc: NamespacesUnavailable) -> None:
@@ -192,9 +194,8 @@ def test_isolate_port_lets_only_the_job_in(net, firewall):
         net.isolate_port("master", rendezvous, ["worker"])
         assert net.can_connect("worker", master.ip, rendezvous) is True
         assert net.can_connect("master", master.ip, rendezvous) is True  # the pod itself
-        started = time.monotonic()
+        # "refused": a TCP RST; a dropped SYN reads "timeout" (below).
         assert net.can_connect("intruder", master.ip, rendezvous) == "refused"
-        assert time.monotonic() - started < 1  # a TCP RST, not a timeout
         assert net.can_connect("intruder", master.ip, other) is True  # only that port
 
         # What most real CNIs do: drop, and the intruder waits out its timeout.

@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster_sim.servers import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
 
 NAME = "visionflow-shapes"
 VERSION = "X-Visionflow-Model-Version"

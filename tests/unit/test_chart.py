@@ -379,6 +379,7 @@ def strip_checkov_skips(text: str) -> str:
     return re.sub(r"(?m)^\s*checkov\.io/skip\d+:.*\n", "", text)
 
 
+@pytest.mark.slow  # checkov over every rendered manifest
 def test_checkov_kubernetes_checks_pass_and_every_skip_is_needed(rendered, tmp_path):
     """One checkov run over every case twice: as rendered, and with the skip annotations removed.
 

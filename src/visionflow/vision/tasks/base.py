@@ -226,7 +226,11 @@ class DenseTask(Task):
         return onnx_export(net, example, path, ["logits"], axes, opset)
 
     def export_torchscript(self, net, path, image_size):
-        scripted = torch.jit.trace(net, torch.rand(2, 3, image_size, image_size))
+        # No trace check: it re-traces and compares graphs, which differ for ViT's shape asserts
+        # ("Graphs differed across invocations") though the outputs agree; export's parity on
+        # real images is the check that counts.
+        example = torch.rand(2, 3, image_size, image_size)
+        scripted = torch.jit.trace(net.eval(), example, check_trace=False)
         torch.jit.save(torch.jit.freeze(scripted.eval()), str(path))
         return path
 
