@@ -9,9 +9,6 @@ BENCH_VENV ?= .venv-bench
 ARGS ?=
 # The slowest tests, printed at the end of `make test`: where the suite's time goes.
 PYTEST_ARGS ?= --durations=25
-# pytest-xdist workers for `make test`: one per core, at most 4 (each imports torch and may
-# start its own servers); tests that must share one run are grouped (tests/conftest.py).
-PYTEST_WORKERS ?= -n auto --maxprocesses=4
 
 .DEFAULT_GOAL := help
 
@@ -27,7 +24,7 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP) ## create or refresh the virtualenv (.venv) from requirements.lock
 
 test: $(STAMP) $(CHECKOV_VENV)/bin/checkov ## run the test suite (unit + integration with real servers on 127.0.0.1)
-	$(PY) -m pytest -m "not e2e" $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 pipeline-run: $(STAMP) ## run the whole pipeline here; KFP_HOST=URL submits it to Kubeflow; ARGS='key=value ...'
 ifdef KFP_HOST

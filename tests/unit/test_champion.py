@@ -109,6 +109,8 @@ def test_promote_applies_the_same_rule(store, capsys):
     assert register.promote(name, 2, "champion", track)["moved"] is False
 
 
+@pytest.mark.slow  # the tiny run is a whole pipeline
+@pytest.mark.xdist_group("tiny_run")
 def test_register_records_the_split_and_ties_keep_the_champion(tiny_run):
     """The real step: the same model registered again scores the same and does not take the
     alias; with the gate failed it is registered, never champion."""

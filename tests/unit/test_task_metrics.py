@@ -78,7 +78,7 @@ def test_a_1000_class_evaluation_has_a_bounded_picture_and_names_the_top_confusi
         assert max(image.size) <= 1000
 
     result = EvaluateResult(
-        task=task.name, metric=task.metric, score=scores.score, gate_passed=True, min_score=0.0,
+        task=task.name, metric=task.metric, score=scores.score, gate_passed=True, gate="passed", min_score=0.0,
         classes=classes, metrics=scores.metrics, per_class=scores.per_class,
         confusion=scores.confusion, figure_png=str(png), num_samples=scores.num_samples,
     )  # fmt: skip

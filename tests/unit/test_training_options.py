@@ -131,6 +131,7 @@ def test_ema_weights_are_what_validation_checkpoints_and_evaluation_use(monkeypa
     _assert_same(net.state_dict(), ema)
 
 
+@pytest.mark.slow  # trains, stops and resumes: half a minute and more
 def test_ema_resumes_with_the_run(monkeypatch, prepared):
     from visionflow.storage import split_uri
 
@@ -143,6 +144,7 @@ def test_ema_resumes_with_the_run(monkeypatch, prepared):
     assert int(ckpt["averaging_state"]["n_averaged"]) == 30  # the average went on, not restarted
 
 
+@pytest.mark.slow  # trains, stops and resumes: half a minute and more
 def test_a_resumed_run_with_more_epochs_stretches_its_one_cycle_schedule(monkeypatch, prepared):
     lrs: list[float] = []
 
@@ -165,6 +167,7 @@ def test_a_resumed_run_with_more_epochs_stretches_its_one_cycle_schedule(monkeyp
     assert resumed[-1] < resumed[0] / 100
 
 
+@pytest.mark.slow  # trains, stops and resumes: half a minute and more
 def test_swa_weights_end_in_the_last_checkpoint(monkeypatch, prepared):
     from visionflow.storage import split_uri
 

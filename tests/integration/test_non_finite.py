@@ -8,6 +8,9 @@ from visionflow.steps.evaluate import EvaluateError, evaluate
 from visionflow.steps.export import ExportError, export
 from visionflow.storage import open_store, split_uri
 
+# The tiny run is a whole pipeline: slow, on the worker that computes it for every module.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
+
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_model_fails_evaluation_and_export(tiny_run, tmp_path, value):
