@@ -408,7 +408,7 @@ def test_served_predictions_equal_evaluates(servers, tiny_run, evaluation_images
             for p, e in zip(stored, ds.entries, strict=True)
         ]
     )
-    assert accuracy == pytest.approx(results["evaluate"].score, abs=1e-9)
+    assert accuracy == pytest.approx(results["evaluate"].score, abs=1e-6)  # torchmetrics: float32
 
 
 def test_metrics_count_requests_batches_and_classes(servers, pictures):

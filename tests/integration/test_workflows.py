@@ -95,7 +95,7 @@ def _champion(run) -> None:
     assert summary["test_accuracy"] >= 0.9  # chance: 1/3
     client = MlflowClient(summary["tracking_uri"])
     champion = client.get_model_version_by_alias(summary["model_name"], "champion")
-    assert champion.version == str(summary["model_version"]) == "1"
+    assert int(champion.version) == summary["model_version"] == 1
 
 
 @then("its exported files compute what PyTorch computes")
@@ -148,7 +148,7 @@ def _champion_kept(run, second) -> None:
     assert second["test_accuracy"] < first["test_accuracy"]
     assert "does not beat champion v1" in second["champion_reason"]
     client = MlflowClient(second["tracking_uri"])
-    assert client.get_model_version_by_alias(second["model_name"], "champion").version == "1"
+    assert int(client.get_model_version_by_alias(second["model_name"], "champion").version) == 1
 
 
 # --------------------------------------------------------------------------- a bad folder
