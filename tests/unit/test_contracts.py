@@ -11,11 +11,13 @@ def test_model_options_are_checked_against_the_builder():
     assert params == {"width": 8} and callable(builder)
     with pytest.raises(
         ConfigError,
-        match=r"model.depth is not an option of model 'simple_cnn'; its options: width, dropout",
+        match=r"model.depth is not a parameter of model 'simple_cnn'; did you mean width\?",
     ):
         model_params({"name": "simple_cnn", "depth": 3})
-    with pytest.raises(ConfigError, match=r"model.width must be int"):
+    with pytest.raises(ConfigError, match=r"model.width='wide': model 'simple_cnn' takes int"):
         model_params({"name": "simple_cnn", "width": "wide"})
+    with pytest.raises(ConfigError, match=r"model.num_classes is not an option"):
+        model_params({"name": "simple_cnn", "num_classes": 3})
     with pytest.raises(ConfigError, match=r"unknown model 'nope'; available: .*resnet18"):
         model_params({"name": "nope"})
 

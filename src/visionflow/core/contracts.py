@@ -6,13 +6,12 @@ what is wrong and how to fix it, instead of a shape error deep inside a training
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from visionflow.core.config import ConfigError
+from visionflow.core.config import ConfigError, check_call
 from visionflow.core.registry import MODELS, UnknownNameError
 
 TASKS = ("classification", "detection", "segmentation")
@@ -48,19 +47,9 @@ def model_params(model_cfg: Mapping[str, Any]) -> tuple[Callable, dict[str, Any]
         builder = MODELS.get(name)
     except UnknownNameError as err:
         raise ConfigError(f"model.name: {err}") from None
-    sig = inspect.signature(builder)
-    accepted = [p for p in sig.parameters if p != "num_classes"]
-    for key, value in params.items():
-        if key not in accepted:
-            raise ConfigError(
-                f"model.{key} is not an option of model {name!r}; its options: {', '.join(accepted)}"
-            )
-        want = sig.parameters[key].annotation
-        want = {"int": int, "float": float, "bool": bool, "str": str}.get(want, want)
-        if want in (int, float, bool, str) and not _fits(value, want):
-            raise ConfigError(
-                f"model.{key} must be {want.__name__} for model {name!r}, got {value!r}"
-            )
+    if "num_classes" in params:
+        raise ConfigError("model.num_classes is not an option: the dataset's classes set it")
+    check_call(builder, params, "model", f"model {name!r}")
     return builder, params
 
 
@@ -68,14 +57,6 @@ def model_task(model_cfg: Mapping[str, Any]) -> str:
     """The task of the model a config names: its builder says (classification by default)."""
     builder, _ = model_params(model_cfg)
     return getattr(builder, "task", "classification")
-
-
-def _fits(value: Any, want: type) -> bool:
-    if want is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if want is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, want)
 
 
 def check_datamodule(dm: Any, task: str) -> None:
