@@ -35,8 +35,8 @@ def _trained_run(workdir: Path) -> str:
     from visionflow.steps.train import train
 
     cfg = load_config([f"workdir={workdir}", "run_id=int8-bench", "experiment=shapes_quick"])
-    for step in (prepare, train, export):
-        step(cfg)
+    dataset_id = prepare(cfg).dataset_id
+    export(cfg, dataset_id, train(cfg, dataset_id).checkpoint_uri)
     return cfg.run_id
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     from visionflow.compose.data import build_datamodule
     from visionflow.core.config import load_config
     from visionflow.host import describe_host, host_cpu
-    from visionflow.runs import load_step
+    from visionflow.runs import load_result
     from visionflow.sessions import ort_graph_session, ort_session
     from visionflow.steps.quantize import (
         SETTINGS,
@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         run_id = args.run_id or _trained_run(workdir)
         cfg = load_config([f"workdir={workdir}", f"run_id={run_id}"])
         store = open_store(cfg.storage.root, cfg.storage.endpoint)
-        dm = build_datamodule(cfg, store, load_step(store, run_id, "prepare")["dataset_id"])
-        src, key = split_uri(load_step(store, run_id, "export")["onnx_uri"])
+        exported = load_result(store, run_id, "export")
+        dataset_id = load_result(store, run_id, "prepare").dataset_id
+        dm = build_datamodule(cfg, store, dataset_id, exported.task)
+        src, key = split_uri(exported.onnx_uri)
         fp32 = src.get_file(key, Path(tmp) / "model.onnx")
         calibration = list(_calibration_batches(dm, cfg.quantize.calibration_samples))
         test = [(x.numpy(), y.numpy()) for x, y in dm.test_dataloader()]

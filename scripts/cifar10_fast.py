@@ -125,7 +125,7 @@ def run(root: Path, workdir: Path, overrides: list[str], variants: list[list[str
     counts = {s: prepared.manifest["splits"][s]["count"] for s in ("train", "val", "test")}
 
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
-    dm = build_datamodule(cfg, store, prepared.dataset_id)
+    dm = build_datamodule(cfg, store, prepared.dataset_id, "classification")
     t = time.perf_counter()
     dm.decoded("train")
     dm.decoded("val")

@@ -44,10 +44,10 @@ def tiny_overrides(workdir: Path, *more: str) -> list[str]:
     return [*TINY, f"workdir={workdir}", *more]
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """All six steps of one tiny run, in process; returns (cfg, {step: result})."""
-    from visionflow.core.config import load_config
+def run_steps(cfg, until: str = "register") -> dict:
+    """The run's steps in process, prepare to `until`, each given what the earlier ones
+    returned (as a pipeline passes them); returns {step: result}."""
+    from visionflow.runs import STEPS
     from visionflow.steps.evaluate import evaluate
     from visionflow.steps.export import export
     from visionflow.steps.prepare import prepare
@@ -55,10 +55,27 @@ def tiny_run(tmp_path_factory):
     from visionflow.steps.register import register
     from visionflow.steps.train import train
 
+    r: dict = {}
+    calls = {
+        "prepare": lambda: prepare(cfg),
+        "train": lambda: train(cfg, r["prepare"].dataset_id),
+        "evaluate": lambda: evaluate(cfg, r["prepare"].dataset_id, r["train"].checkpoint_uri),
+        "export": lambda: export(cfg, r["prepare"].dataset_id, r["train"].checkpoint_uri),
+        "quantize": lambda: quantize(cfg, r["prepare"].dataset_id, r["export"]),
+        "register": lambda: register(
+            cfg, r["prepare"].dataset_id, r["evaluate"], r["export"], r["quantize"]
+        ),
+    }
+    for step in STEPS[: STEPS.index(until) + 1]:
+        r[step] = calls[step]()
+    return r
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """All six steps of one tiny run, in process; returns (cfg, {step: result})."""
+    from visionflow.core.config import load_config
+
     workdir = tmp_path_factory.mktemp("tiny")
     cfg = load_config(tiny_overrides(workdir, "run_id=tiny-1", "trainer.max_epochs=2"))
-    results = {}
-    for name, step in (("prepare", prepare), ("train", train), ("evaluate", evaluate),
-                       ("export", export), ("quantize", quantize), ("register", register)):  # fmt: skip
-        results[name] = step(cfg)
-    return cfg, results
+    return cfg, run_steps(cfg)

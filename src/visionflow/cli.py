@@ -1,7 +1,10 @@
 """The `visionflow` command.
 
 visionflow <step> [key=value ...]      run one step: prepare, train, evaluate, export,
-                                       quantize, register (Hydra overrides)
+                                       quantize, register (Hydra overrides), on what the
+                                       run's earlier steps made
+visionflow train|evaluate|export --dataset ID [--checkpoint URI] [key=value ...]
+                                       ... or on this dataset (and checkpoint)
 visionflow pipeline run [key=value ...] the whole pipeline on this machine (kfp.local)
 visionflow pipeline run --pipeline batch_inference predict.model=M predict.input=... [...]
                                        the batch inference pipeline, likewise
@@ -26,6 +29,8 @@ from visionflow import logs
 from visionflow.runs import STEPS
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
+# The steps that take --dataset, and --checkpoint, in place of what the run's records say.
+TAKE_DATASET, TAKE_CHECKPOINT = ("train", "evaluate", "export"), ("evaluate", "export")
 MULTIRUN_HELP = "a sweep: one run per combination of key=a,b / choice() / range() / glob()"
 
 
@@ -54,17 +59,29 @@ def _step_config(step: str, overrides: list[str]):
     return cfg
 
 
-def run_step(step: str, overrides: list[str]) -> dict:
+def run_step(
+    step: str,
+    overrides: list[str],
+    dataset_id: str | None = None,
+    checkpoint_uri: str | None = None,
+) -> dict:
+    """Run one step on what the run's earlier steps made (their records in the store), or on
+    the dataset and checkpoint given."""
     import dataclasses
     import importlib
 
+    from visionflow.runs import step_inputs
+    from visionflow.storage import open_store
+
     cfg = _step_config(step, overrides)
+    store = open_store(cfg.storage.root, cfg.storage.endpoint)
+    inputs = step_inputs(store, cfg.run_id, step, dataset_id, checkpoint_uri)
     if step == "train":  # here, or as a PyTorchJob (cluster.launcher)
         from visionflow.steps.train import train_anywhere
 
-        result = train_anywhere(cfg, overrides)
+        result = train_anywhere(cfg, overrides, **inputs)
     else:
-        result = getattr(importlib.import_module(f"visionflow.steps.{step}"), step)(cfg)
+        result = getattr(importlib.import_module(f"visionflow.steps.{step}"), step)(cfg, **inputs)
     out = dataclasses.asdict(result)
     out.pop("manifest", None)  # long; it is in the store
     return {"run_id": cfg.run_id, **out}
@@ -77,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for step in STEPS:
         p = sub.add_parser(step, help=f"run the {step} step")
+        if step in TAKE_DATASET:
+            p.add_argument(
+                "--dataset",
+                metavar="ID",
+                help="the prepared dataset's id (default: the run's, from its prepare step)",
+            )
+        if step in TAKE_CHECKPOINT:
+            p.add_argument(
+                "--checkpoint",
+                metavar="URI",
+                help="the checkpoint's URI (default: the run's best, from its train step)",
+            )
         p.add_argument("overrides", nargs="*", metavar="key=value")
     pipe = sub.add_parser("pipeline", help="run or compile the whole pipeline")
     pipe_sub = pipe.add_subparsers(dest="action", required=True)
@@ -155,7 +184,8 @@ def _dispatch(args) -> int:
             raise ConfigError("a sweep (-m) runs the training pipeline only: drop --pipeline")
         return sweep.cli_run(args.overrides) if args.action == "run" else sweep.cli_submit(args)
     if args.command in STEPS:
-        print(json.dumps(run_step(args.command, args.overrides), default=str))
+        given = getattr(args, "dataset", None), getattr(args, "checkpoint", None)
+        print(json.dumps(run_step(args.command, args.overrides, *given), default=str))
     elif args.command == "pipeline" and args.action == "run":
         from visionflow.kfp.local import run_local
 

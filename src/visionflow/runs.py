@@ -1,8 +1,9 @@
 """A run's record in the artifact store: each step's result under `runs/<run_id>/<step>.json`.
 
-The record lets CLI steps find what earlier steps made (`visionflow train run_id=X` finds X's
-dataset), lets any process build the run's summary, and survives pods and machines because it
-lives beside the artifacts.
+Each step writes its result there when it ends; nothing in a step reads it. The record is how
+`visionflow <step>` finds what the run's earlier steps made (`visionflow train run_id=X` trains
+on X's dataset: `step_inputs`), and how a cluster job hands rank 0's result back; it survives
+pods and machines because it lives beside the artifacts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.host import describe_host
+from visionflow.results import (
+    EvaluateResult,
+    ExportResult,
+    PrepareResult,
+    QuantizeResult,
+    RegisterResult,
+    TrainResult,
+    from_record,
+)
 from visionflow.storage import ArtifactStore
 
 STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
@@ -37,57 +47,108 @@ def load_step(store: ArtifactStore, run_id: str, step: str) -> dict[str, Any]:
     return json.loads(store.get_bytes(_key(run_id, step), max_bytes=MAX_RECORD_BYTES))
 
 
-def summary(store: ArtifactStore, run_id: str, tracking_uri: str) -> dict[str, Any]:
+def step_inputs(
+    store: ArtifactStore,
+    run_id: str,
+    step: str,
+    dataset_id: str | None = None,
+    checkpoint_uri: str | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of `step`'s function: what it takes from the earlier steps of run
+    `run_id` (see results.py), read from their records where not given."""
+    if step == "prepare":
+        return {}
+    inputs: dict[str, Any] = {
+        "dataset_id": dataset_id or load_step(store, run_id, "prepare")["dataset_id"]
+    }
+    if step in ("evaluate", "export"):
+        inputs["checkpoint_uri"] = (
+            checkpoint_uri or load_result(store, run_id, "train").checkpoint_uri
+        )
+    elif step == "quantize":
+        inputs["exported"] = load_result(store, run_id, "export")
+    elif step == "register":
+        inputs |= {
+            "evaluation": load_result(store, run_id, "evaluate"),
+            "exported": load_result(store, run_id, "export"),
+            "quantized": load_result(store, run_id, "quantize"),
+        }
+    return inputs
+
+
+RESULTS = {
+    "prepare": PrepareResult,
+    "train": TrainResult,
+    "evaluate": EvaluateResult,
+    "export": ExportResult,
+    "quantize": QuantizeResult,
+    "register": RegisterResult,
+}
+
+
+def load_result(store: ArtifactStore, run_id: str, step: str):
+    """The typed result `step` recorded for run `run_id`."""
+    return from_record(RESULTS[step], load_step(store, run_id, step))
+
+
+def summary(
+    tracking_uri: str,
+    run_id: str,
+    dataset_uri: str,
+    trained: TrainResult,
+    evaluation: EvaluateResult,
+    exported: ExportResult,
+    quantized: QuantizeResult,
+    registered: RegisterResult,
+) -> dict[str, Any]:
     """The one-line summary of a finished run (see DESIGN.md, "Interfaces users rely on")."""
-    r = {step: load_step(store, run_id, step) for step in STEPS}
-    evaluation, quantized = r["evaluate"], r["quantize"]
     return {
         "tracking_uri": tracking_uri,
         "run_id": run_id,  # visionflow's, as everywhere else
-        "mlflow_run_id": r["train"]["mlflow_run_id"],
-        "task": evaluation["task"],
-        "model_name": r["register"]["model_name"],
-        "model_version": r["register"]["model_version"],
-        "champion": r["register"]["champion"],
-        "champion_version": r["register"]["champion_version"],
-        "champion_reason": r["register"]["reason"],
-        "gate_passed": evaluation["gate_passed"],
+        "mlflow_run_id": trained.mlflow_run_id,
+        "task": exported.task,
+        "model_name": registered.model_name,
+        "model_version": registered.model_version,
+        "champion": registered.champion,
+        "champion_version": registered.champion_version,
+        "champion_reason": registered.reason,
+        "gate_passed": evaluation.gate_passed,
         # the task's main metric: test_accuracy, test_map_50 or test_miou
-        f"test_{evaluation['metric']}": evaluation["score"],
-        "onnx_max_abs_diff": r["export"]["onnx"]["max_abs_diff"],
-        "torchscript_max_abs_diff": r["export"]["torchscript"]["max_abs_diff"],
+        f"test_{evaluation.metric}": evaluation.score,
+        "onnx_max_abs_diff": exported.onnx.max_abs_diff,
+        "torchscript_max_abs_diff": exported.torchscript.max_abs_diff,
         **int8_summary(quantized),
-        "dataset_id": r["prepare"]["dataset_id"],
+        "dataset_id": trained.spec["dataset_id"],
         "artifacts": {
-            "dataset": r["prepare"]["uri"],
-            "checkpoint": r["train"]["checkpoint_uri"],
-            "onnx": r["export"]["onnx_uri"],
-            "torchscript": r["export"]["torchscript_uri"],
-            "onnx_int8": quantized["int8_uri"],
-            "evaluation_figure": evaluation["figure_png"],
-            "registered_model": r["register"]["model_uri"],
+            "dataset": dataset_uri,
+            "checkpoint": trained.checkpoint_uri,
+            "onnx": exported.onnx_uri,
+            "torchscript": exported.torchscript_uri,
+            "onnx_int8": quantized.int8_uri,
+            "evaluation_figure": evaluation.figure_png,
+            "registered_model": registered.model_uri,
         },
     }
 
 
-def int8_summary(q: dict[str, Any]) -> dict[str, Any]:
+def int8_summary(q: QuantizeResult) -> dict[str, Any]:
     """What the summary says of int8: whether it was stored, rejected (and why) or unsupported;
     its figures only where it was stored; which variant was faster on quantize's host."""
-    stored = q["status"] == "stored"
+    stored = q.status == "stored"
     figures = {
-        "int8_accuracy_drop": q["accuracy_drop"],
-        "int8_agreement": q["parity"]["agreement"] if q["parity"] else None,
-        "int8_speedup_b1": q["speedup_b1"],
-        "int8_speedup_b64": q["speedup_b64"],
+        "int8_accuracy_drop": q.accuracy_drop,
+        "int8_agreement": q.parity.agreement if q.parity else None,
+        "int8_speedup_b1": q.speedup_b1,
+        "int8_speedup_b64": q.speedup_b64,
     }
     return {
-        "int8": q["status"],
-        "int8_rejected": q["reason"] if q["status"] == "rejected" else None,
+        "int8": q.status,
+        "int8_rejected": q.reason if q.status == "rejected" else None,
         **{k: v if stored else None for k, v in figures.items()},
         # per batch size, the faster variant on quantize's host (the speed-ups say by how much)
-        "faster_variant": q["faster_variant"] if stored else None,
-        "serve_variant": q["serve_variant"],
-        "quantize_host": describe_host(q["host"]) if q["host"] else None,
+        "faster_variant": q.faster_variant if stored else None,
+        "serve_variant": q.serve_variant,
+        "quantize_host": describe_host(q.host) if q.host else None,
     }
 
 

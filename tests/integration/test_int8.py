@@ -11,6 +11,7 @@ this model (saturation; 16 on the default run's), while agreement still read 99.
 import numpy as np
 import pytest
 
+from tests.conftest import run_steps
 from visionflow.sessions import ort_graph_session, ort_session
 from visionflow.storage import open_store
 
@@ -20,16 +21,10 @@ pytestmark = pytest.mark.slow
 def test_int8_decides_as_fp32_does_on_this_host(tmp_path):
     from visionflow.compose.data import build_datamodule
     from visionflow.core.config import load_config
-    from visionflow.steps.export import export
-    from visionflow.steps.prepare import prepare
-    from visionflow.steps.quantize import quantize
-    from visionflow.steps.train import train
 
     cfg = load_config(["experiment=shapes_quick", f"workdir={tmp_path}", "run_id=int8"])
-    dataset_id = prepare(cfg).dataset_id
-    train(cfg)
-    export(cfg)
-    q = quantize(cfg)
+    r = run_steps(cfg, until="quantize")
+    dataset_id, q = r["prepare"].dataset_id, r["quantize"]
     assert q.fp32_score >= 0.95  # a model worth quantizing
     assert q.status == "stored" and q.accuracy_drop <= 1.0
     assert q.parity.samples == 400 and q.parity.agreement >= 0.99
@@ -37,7 +32,7 @@ def test_int8_decides_as_fp32_does_on_this_host(tmp_path):
     # The kernels against the same graph run op by op in float (no int8 kernel involved): they
     # differ by rounding (about 0.1 here), not by saturation (several logits).
     store = open_store(cfg.storage.root)
-    test = build_datamodule(cfg, store, dataset_id).test_dataloader()
+    test = build_datamodule(cfg, store, dataset_id, "classification").test_dataloader()
     images = np.concatenate([x.numpy() for x, _ in test])
     int8 = store.get_file("models/int8/model.int8.onnx", tmp_path / "q.onnx")
     kernels = ort_session(int8).run(None, {"images": images})[0]

@@ -28,8 +28,8 @@ def test_a_non_finite_model_fails_evaluation_and_export(tiny_run, tmp_path, valu
     )
 
     with pytest.raises(EvaluateError, match="NaN or infinite values"):
-        evaluate(cfg, checkpoint_uri=broken)
+        evaluate(cfg, r["prepare"].dataset_id, broken)
     with pytest.raises(ExportError, match="NaN or infinite values.*nothing was stored"):
-        export(cfg, checkpoint_uri=broken)
+        export(cfg, r["prepare"].dataset_id, broken)
     after = store.get_bytes("runs/tiny-1/evaluate.json"), store.get_bytes("runs/tiny-1/export.json")
     assert after == before  # the run's records are the good model's still

@@ -42,8 +42,8 @@ def test_a_cifar10_subset_learns_well_beyond_chance(tmp_path):
     prepared = prepare(cfg)
     assert prepared.manifest["classes"][:2] == ["airplane", "automobile"]
     assert prepared.manifest["splits"]["test"]["count"] == 150  # 15 of each class, held out
-    train(cfg)
-    result = evaluate(cfg)
+    trained = train(cfg, prepared.dataset_id)
+    result = evaluate(cfg, prepared.dataset_id, trained.checkpoint_uri)
     # Chance is 0.10; five epochs on 1,200 real photographs reach about 0.4.
     assert result.score >= 0.3 and result.gate_passed
 
@@ -64,8 +64,7 @@ def test_the_cifar10_fast_recipe_learns_at_cpu_size(tmp_path):
          "evaluate.min_score=0.3"]
     )  # fmt: skip
     assert cfg.optim.norm_lr_scale == 64 and cfg.data.cache == "memory"
-    prepare(cfg)
-    train(cfg)
-    result = evaluate(cfg)
+    dataset_id = prepare(cfg).dataset_id
+    result = evaluate(cfg, dataset_id, train(cfg, dataset_id).checkpoint_uri)
     # Chance is 0.10; eight epochs reach about 0.39.
     assert result.score >= 0.3 and result.gate_passed

@@ -69,10 +69,8 @@ def test_coco_from_s3_serves_boxes_and_masks_to_both_tasks(tmp_path, s3_server, 
     dataset_id = prepare(cfg).dataset_id
     store = open_store(cfg.storage.root)
 
-    detection = build_datamodule(cfg, store, dataset_id)
-    segmentation = build_datamodule(
-        load_config([*common, "model=lraspp_mobilenet_v3"]), store, dataset_id
-    )
+    detection = build_datamodule(cfg, store, dataset_id, "detection")
+    segmentation = build_datamodule(cfg, store, dataset_id, "segmentation")
     seen, dog_images = 0, 0
     for split in ("train", "val", "test"):
         boxes, masks = detection.dataset(split), segmentation.dataset(split)

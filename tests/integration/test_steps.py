@@ -152,7 +152,7 @@ def _quantize_as(tiny_run, run_id: str, *more: str):
     again = load_config(
         [f"workdir={cfg.workdir}", "experiment=shapes_tiny", f"run_id={run_id}", *more]
     )
-    return again, quantize(again, r["prepare"].dataset_id, r["export"].onnx_uri)
+    return again, quantize(again, r["prepare"].dataset_id, r["export"])
 
 
 def test_int8_that_loses_too_much_is_rejected_and_the_run_goes_on(tiny_run):
@@ -169,10 +169,9 @@ def test_int8_that_loses_too_much_is_rejected_and_the_run_goes_on(tiny_run):
     from visionflow.runs import summary
     from visionflow.steps.register import register
 
-    for step in ("prepare", "train", "evaluate", "export"):  # the tiny run's, as this run's own
-        store.put_bytes(store.get_bytes(f"runs/tiny-1/{step}.json"), f"runs/rejected/{step}.json")
+    _, r = tiny_run
     cfg.register.model_name = "visionflow-rejected"
-    g = register(cfg)
+    g = register(cfg, r["prepare"].dataset_id, r["evaluate"], r["export"], q)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     version = mlflow.MlflowClient().get_model_version(g.model_name, str(g.model_version))
     assert version.tags["int8"] == "rejected" and version.tags["int8_rejected"] == q.reason
@@ -184,7 +183,8 @@ def test_int8_that_loses_too_much_is_rejected_and_the_run_goes_on(tiny_run):
     assert "model/artifacts/model.onnx" in files and not any("int8" in f for f in files)
     model = mlflow.pyfunc.load_model(g.model_uri)
     assert model.predict(np.random.rand(2, 3, 32, 32).astype(np.float32)).shape == (2, 5)
-    s = summary(store, "rejected", cfg.tracking.uri)
+    s = summary(cfg.tracking.uri, "rejected", r["prepare"].uri, r["train"], r["evaluate"],
+                r["export"], q, g)  # fmt: skip
     assert s["int8"] == "rejected" and s["int8_rejected"] == q.reason
     assert s["int8_accuracy_drop"] is s["int8_speedup_b64"] is s["faster_variant"] is None
     assert s["serve_variant"] == "fp32" and s["artifacts"]["onnx_int8"] == ""
@@ -228,6 +228,7 @@ def test_the_quantize_component_fails_once_when_int8_is_required(tiny_run, tmp_p
     from kfp import dsl
 
     from visionflow.kfp.components.quantize import quantize as component
+    from visionflow.kfp.io import write_pointer
     from visionflow.steps import quantize as step
 
     cfg, r = tiny_run
@@ -235,9 +236,11 @@ def test_the_quantize_component_fails_once_when_int8_is_required(tiny_run, tmp_p
     real = step.quantize_int8
     monkeypatch.setattr(step, "quantize_int8", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = {"dataset_id": r["prepare"].dataset_id}
+    onnx = dsl.Model(uri=str(tmp_path / "onnx"))
+    write_pointer(onnx, r["export"].onnx_uri, r["export"])  # as the export component does
     artifacts = dict(
         dataset=dsl.Dataset(uri=str(tmp_path / "dataset"), metadata=ids),
-        onnx=dsl.Model(uri=str(tmp_path / "onnx"), metadata={"uri": r["export"].onnx_uri}),
+        onnx=onnx,
         int8=dsl.Model(uri=str(tmp_path / "int8")),
         metrics=dsl.Metrics(uri=str(tmp_path / "metrics")),
         report=dsl.Markdown(uri=str(tmp_path / "report")),
@@ -273,8 +276,9 @@ def test_register_creates_a_servable_version_with_lineage(tiny_run):
 def test_summary_has_every_promised_field(tiny_run):
     from visionflow.runs import summary
 
-    cfg, _ = tiny_run
-    s = summary(open_store(cfg.storage.root), "tiny-1", cfg.tracking.uri)
+    cfg, r = tiny_run
+    steps = [r[step] for step in ("train", "evaluate", "export", "quantize", "register")]
+    s = summary(cfg.tracking.uri, "tiny-1", r["prepare"].uri, *steps)
     for key in ("tracking_uri", "run_id", "model_name", "model_version", "champion", "task", "test_accuracy",
                 "onnx_max_abs_diff", "torchscript_max_abs_diff", "int8_accuracy_drop", "int8_speedup_b64", "artifacts"):  # fmt: skip
         assert key in s
@@ -288,8 +292,8 @@ def test_summary_has_every_promised_field(tiny_run):
 
 def test_the_report_says_plainly_when_int8_is_slower_or_rejected():
     from visionflow.kfp.reports import quantize_report
-    from visionflow.steps.quantize import QuantizeResult, speed_verdict
-    from visionflow.vision.tasks import Parity
+    from visionflow.results import Parity, QuantizeResult
+    from visionflow.steps.quantize import speed_verdict
 
     host = {"cpu": "AMD EPYC", "arch": "x86_64", "flags": "avx2 fma"}
     measured = dict(metric="accuracy", settings={"reduce_range": True}, host=host, fp32_score=1.0,

@@ -2,6 +2,7 @@
 test split, the earlier of equals, whether register elects it or `visionflow promote` asks."""
 
 import math
+from dataclasses import replace
 
 import mlflow
 import pytest
@@ -114,12 +115,14 @@ def test_promote_applies_the_same_rule(store, capsys):
 def test_register_records_the_split_and_ties_keep_the_champion(tiny_run):
     """The real step: the same model registered again scores the same and does not take the
     alias; with the gate failed it is registered, never champion."""
-    cfg, _ = tiny_run
+    cfg, r = tiny_run
     cfg = OmegaConf.merge(cfg, {"register": {"model_name": "visionflow-champion-test"}})
-    first, again = register.register(cfg), register.register(cfg)
+    inputs = r["prepare"].dataset_id, r["evaluate"], r["export"], r["quantize"]
+    first, again = register.register(cfg, *inputs), register.register(cfg, *inputs)
     assert first.champion and first.reason.endswith("no champion before it")
     assert not again.champion and "does not beat champion v1" in again.reason
-    failed = register.register(cfg, gate_passed=False)
+    gate_failed = replace(r["evaluate"], gate="failed", gate_passed=False)
+    failed = register.register(cfg, inputs[0], gate_failed, *inputs[2:])
     assert not failed.champion and failed.champion_version == 1
     assert failed.reason.startswith("quality gate failed")
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)

@@ -101,8 +101,7 @@ def test_training_from_the_memory_cache_learns(tmp_path):
             "run_id=cached",
         )
     )
-    prepare(cfg)
-    result = train(cfg)
+    result = train(cfg, prepare(cfg).dataset_id)
     # 60 validation images, 5 classes: 21 right by chance has p < 0.001 (12 expected).
     assert result.monitor == "val/acc" and result.best_score >= 0.35
 
@@ -140,7 +139,7 @@ def test_fit_whitens_the_stem_from_the_first_training_images(tmp_path, monkeypat
         )
     )  # fmt: skip
     prepared = prepare(cfg)
-    dm = build_datamodule(cfg, open_store(cfg.storage.root), prepared.dataset_id)
+    dm = build_datamodule(cfg, open_store(cfg.storage.root), prepared.dataset_id, "classification")
     net = build_model(cfg.model, num_classes=len(dm.classes))
     before = net.net.stem[0].weight.clone()
     seen = []

@@ -1,6 +1,7 @@
 """The PyTorchJob builder, its NetworkPolicy, `visionflow cluster render-job` (a dry run; no
 cluster needed), and when and how the train step launches a cluster job (cluster.training)."""
 
+import json
 import logging
 
 import pytest
@@ -298,10 +299,12 @@ def test_train_on_cluster_launches_the_built_job_owned_by_the_step_pod(launched,
             "cluster.active_deadline_seconds=7200", "cluster.s3_secret=team-s3"]  # fmt: skip
     cfg = load_config(args)
     with pytest.raises(_Launched):
-        training.train_on_cluster(cfg, args)
+        training.train_on_cluster(cfg, args, "abc123")
     ((job, kwargs),) = launched
-    assert job == training.build_job(cfg, args, step_owner())  # what the builder builds
+    assert job == training.build_job(cfg, args, step_owner(), "abc123")  # what the builder builds
     assert job["kind"] == {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[api]
+    # The pods train on the dataset the step was given, not on whatever the run's record says.
+    assert '"train", "--dataset", "abc123"' in json.dumps(job)
     assert job["metadata"]["ownerReferences"][0]["uid"] == POD_UID
     assert kwargs == {"timeout_s": 7200, "required_secrets": ["team-s3"], "pending_timeout_s": 600}
 
@@ -309,7 +312,7 @@ def test_train_on_cluster_launches_the_built_job_owned_by_the_step_pod(launched,
 def test_train_on_cluster_without_the_pod_variables_says_there_is_no_owner(launched, caplog):
     args = [*CLUSTER, "cluster.pending_timeout_s=0"]
     with caplog.at_level(logging.INFO, "visionflow.cluster"), pytest.raises(_Launched):
-        training.train_on_cluster(load_config(args), args)
+        training.train_on_cluster(load_config(args), args, "abc123")
     ((job, kwargs),) = launched
     assert "ownerReferences" not in job["metadata"]
     assert kwargs["pending_timeout_s"] is None  # 0: no limit

@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from visionflow.kfp.reports import evaluation_html
-from visionflow.steps.evaluate import EvaluateResult
+from visionflow.results import EvaluateResult
+from visionflow.steps.evaluate import report_markdown
 from visionflow.vision.tasks import get_task
 from visionflow.vision.tasks.base import exporter_of
 
@@ -82,7 +83,7 @@ def test_a_1000_class_evaluation_has_a_bounded_picture_and_names_the_top_confusi
         classes=classes, metrics=scores.metrics, per_class=scores.per_class,
         confusion=scores.confusion, figure_png=str(png), num_samples=scores.num_samples,
     )  # fmt: skip
-    top = result.markdown().split("Top confusions:")[1].splitlines()
+    top = report_markdown(result).split("Top confusions:")[1].splitlines()
     assert [line for line in top if line.startswith("| class")] == [
         "| class007 | class042 | 3 |",
         "| class500 | class009 | 2 |",

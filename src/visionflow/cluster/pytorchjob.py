@@ -107,9 +107,15 @@ def check_cluster_config(cfg, what: str = "a cluster job") -> None:
 
 
 def train_command(
-    cfg, overrides: list[str], *, always_torchrun: bool = False, workdir: str | None = None
+    cfg,
+    overrides: list[str],
+    *,
+    dataset_id: str | None = None,
+    always_torchrun: bool = False,
+    workdir: str | None = None,
 ) -> list[str]:
-    """The command every pod runs: the ordinary train step, told how it is distributed.
+    """The command every pod runs: the ordinary train step, told how it is distributed and, with
+    `dataset_id`, which prepared dataset to train on (else the run's, from its record).
 
     A PyTorchJob's pods run `visionflow train` directly when each has one process: the Training
     Operator sets the variables torch.distributed reads (MASTER_ADDR, RANK, ...). A TrainJob's
@@ -134,6 +140,8 @@ def train_command(
     if workdir:
         args.append(f"workdir={workdir}")
     args += settings
+    if dataset_id:
+        args = ["--dataset", dataset_id, *args]
     if procs == 1 and not always_torchrun:
         return ["visionflow", "train", *args]
     # torchrun starts the processes; $(VAR) is expanded by the kubelet from the variables the
@@ -273,9 +281,9 @@ def job_metadata(cfg, owner: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def build_pytorchjob(
-    cfg, overrides: list[str], owner: dict[str, Any] | None = None
+    cfg, overrides: list[str], owner: dict[str, Any] | None = None, dataset_id: str | None = None
 ) -> dict[str, Any]:
-    """The PyTorchJob manifest for this run's training.
+    """The PyTorchJob manifest for this run's training (on `dataset_id`: see train_command).
 
     `owner`: an ownerReference (`step_owner()`: the pipeline step's pod) the job is deleted with.
     Without cluster.namespace the manifest has no namespace: the launcher uses its own.
@@ -295,7 +303,7 @@ def build_pytorchjob(
             "training resumes from its last checkpoint"
         )
     c = OmegaConf.to_container(cfg.cluster, resolve=True)  # plain values for the manifest
-    command = train_command(cfg, overrides)
+    command = train_command(cfg, overrides, dataset_id=dataset_id)
     replicas: dict[str, Any] = {}
     for role, count in (("Master", 1), ("Worker", c["nodes"] - 1)):
         if count:

@@ -20,7 +20,7 @@ from visionflow.cluster.pytorchjob import (
 from visionflow.cluster.trainjob import build_trainjob, validate_trainjob
 from visionflow.core.config import ConfigError
 from visionflow.results import TrainResult
-from visionflow.runs import load_step
+from visionflow.runs import load_result
 from visionflow.storage import open_store
 
 log = logging.getLogger("visionflow.cluster")
@@ -51,14 +51,17 @@ def use_pytorchjob(cfg, environ: Mapping[str, str] | None = None) -> bool:
     return launcher == "pytorchjob" or (launcher == "auto" and in_pipeline_step)
 
 
-def build_job(cfg, overrides: list[str], owner: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The validated manifest of the job cluster.api selects (PyTorchJob or TrainJob)."""
+def build_job(
+    cfg, overrides: list[str], owner: dict[str, Any] | None = None, dataset_id: str | None = None
+) -> dict[str, Any]:
+    """The validated manifest of the job cluster.api selects (PyTorchJob or TrainJob); its pods
+    train on `dataset_id` (None: the run's prepared dataset, from its record)."""
     api = cfg.cluster.api
     if api == "pytorchjob":
-        job = build_pytorchjob(cfg, overrides, owner)
+        job = build_pytorchjob(cfg, overrides, owner, dataset_id)
         validate_job(job)
     elif api == "trainjob":
-        job = build_trainjob(cfg, overrides, owner)
+        job = build_trainjob(cfg, overrides, owner, dataset_id)
         validate_trainjob(job)
     else:
         raise ConfigError(
@@ -68,10 +71,12 @@ def build_job(cfg, overrides: list[str], owner: dict[str, Any] | None = None) ->
     return job
 
 
-def train_on_cluster(cfg, overrides: list[str], timeout_s: float | None = None) -> TrainResult:
-    """Run training as a cluster job and return rank 0's TrainResult from the artifact store."""
+def train_on_cluster(
+    cfg, overrides: list[str], dataset_id: str, timeout_s: float | None = None
+) -> TrainResult:
+    """Run training on `dataset_id` as a cluster job; rank 0's TrainResult from its record."""
     owner = step_owner()
-    job = build_job(cfg, overrides, owner)
+    job = build_job(cfg, overrides, owner, dataset_id)
     kind, meta = job["kind"], job["metadata"]
     if owner is None:
         log.info(
@@ -101,5 +106,4 @@ def train_on_cluster(cfg, overrides: list[str], timeout_s: float | None = None) 
         required_secrets=secrets,
         pending_timeout_s=cfg.cluster.pending_timeout_s or None,
     )
-    record = load_step(open_store(cfg.storage.root, cfg.storage.endpoint), cfg.run_id, "train")
-    return TrainResult(**record)
+    return load_result(open_store(cfg.storage.root, cfg.storage.endpoint), cfg.run_id, "train")

@@ -76,9 +76,10 @@ def _quantities(resources: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_trainjob(
-    cfg, overrides: list[str], owner: dict[str, Any] | None = None
+    cfg, overrides: list[str], owner: dict[str, Any] | None = None, dataset_id: str | None = None
 ) -> dict[str, Any]:
-    """The TrainJob manifest for this run's training (see the module's docstring).
+    """The TrainJob manifest for this run's training on `dataset_id` (see the module's docstring
+    and pytorchjob.train_command).
 
     `owner`: an ownerReference (`pytorchjob.step_owner()`: the pipeline step's pod).
     """
@@ -90,7 +91,13 @@ def build_trainjob(
             "clustertrainingruntimes), e.g. torch-distributed"
         )
     procs = max(int(c.gpus_per_node), 1)
-    command = train_command(cfg, overrides, always_torchrun=True, workdir=f"{WORKDIR}/.visionflow")
+    command = train_command(
+        cfg,
+        overrides,
+        dataset_id=dataset_id,
+        always_torchrun=True,
+        workdir=f"{WORKDIR}/.visionflow",
+    )
     template = pod_template(cfg, command)
     pod, (container,) = template["spec"], template["spec"]["containers"]
     pod_patch: dict[str, Any] = {k: pod[k] for k in POD_PATCH_FIELDS if k in pod}

@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 
 import visionflow.vision.data  # noqa: F401  (fills the DATAMODULES registry)
 from visionflow.compose import plain
-from visionflow.compose.models import task_of
 from visionflow.core.config import ConfigError
 from visionflow.core.registry import DATAMODULES, UnknownNameError
 from visionflow.storage import ArtifactStore
@@ -51,9 +50,9 @@ def batch_augment(cfg: DictConfig, task: str = "classification"):
     return batch_augment_from(plain(cfg.transforms.train), "transforms.train")
 
 
-def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str):
-    """The run's DataModule over a prepared dataset, serving targets for the model's task."""
-    task = task_of(cfg)
+def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str, task: str):
+    """The run's DataModule over a prepared dataset, serving targets for `task`: the config's
+    model's when training (`compose.models.task_of`), the checkpoint's after."""
     train_tf, eval_tf = build_transforms(cfg, task)
     return datamodule_class(cfg.data.name)(
         store=store,

@@ -1,17 +1,23 @@
 """What the KFP components share: config from the pipeline's parameters, artifact pointers.
 
-A component body stays a few lines: build the config, call one step, describe its outputs.
-Artifacts carry a small JSON pointer (the store URI plus figures) rather than the bytes: the
-datasets and models themselves live in the artifact store (MinIO on a cluster).
+A component body stays a few lines: build the config, call one step with what its input
+artifacts carry, describe its outputs. Artifacts carry a JSON pointer rather than the bytes
+(the datasets and models themselves live in the artifact store, MinIO on a cluster): the store
+URI and, for the steps after it, the producing step's typed result (visionflow.results). That
+is how results travel in a pipeline: the graph in the Kubeflow UI is the data flow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from visionflow import logs
 from visionflow.core.config import load_config
+from visionflow.results import from_record
+
+R = TypeVar("R")
 
 
 def step_config(overrides: list[str], run_id: str):
@@ -23,12 +29,21 @@ def step_config(overrides: list[str], run_id: str):
     return cfg
 
 
-def write_pointer(artifact, uri: str, **metadata: Any) -> None:
-    """Point a KFP artifact at `uri`; figures go to its metadata for the UI and later steps."""
+def write_pointer(artifact, uri: str, result: Any = None, **metadata: Any) -> None:
+    """Point a KFP artifact at `uri`. Figures go to its metadata, for the UI; its file holds
+    `result`, the step's typed result, for the steps downstream (`read_result`), or else the
+    figures."""
     artifact.metadata["uri"] = uri
     artifact.metadata.update(metadata)
+    content = dataclasses.asdict(result) if result is not None else metadata
     with open(artifact.path, "w") as f:
-        json.dump({"uri": uri, **metadata}, f, indent=2, default=str)
+        json.dump({"uri": uri, **content}, f, indent=2, default=str)
+
+
+def read_result(artifact, cls: type[R]) -> R:
+    """The typed result an upstream step wrote into `artifact` (`write_pointer`)."""
+    with open(artifact.path) as f:
+        return from_record(cls, json.load(f))
 
 
 def uri_of(artifact) -> str:

@@ -121,10 +121,10 @@ def training_pipeline(
     reg_task = register(
         **common,
         dataset=dataset,
+        model=model_ckpt,
+        evaluation=eval_task.outputs["evaluation"],
         onnx=export_task.outputs["onnx"],
-        torchscript=export_task.outputs["torchscript"],
         int8=quant_task.outputs["int8"],
-        gate_passed=eval_task.outputs["gate_passed"],
     )
     for step, task in (
         ("configure", cfg),

@@ -16,7 +16,6 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ import torch
 from visionflow import tracking
 from visionflow.compose.data import build_datamodule
 from visionflow.compose.models import load_network
-from visionflow.runs import load_step, save_step
+from visionflow.results import EvaluateResult
+from visionflow.runs import save_step
 from visionflow.storage import open_store
 from visionflow.vision.metrics import top_confusions
 from visionflow.vision.tasks import get_task
@@ -69,57 +69,43 @@ def _all_finite(out: Any) -> bool:
     return bool(np.isfinite(array).all()) if np.issubdtype(array.dtype, np.floating) else True
 
 
-@dataclass
-class EvaluateResult:
-    task: str
-    metric: str  # the main metric: accuracy | map_50 | miou
-    score: float
-    gate_passed: bool  # may be champion: the gate passed, or it was disabled
-    gate: str  # passed | failed | disabled (evaluate.gate=false)
-    min_score: float
-    classes: list[str]
-    metrics: dict[str, float]
-    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
-    confusion: list[list[int]] | None = None  # classification: rows true, columns predicted
-    figure_png: str = ""
-    num_samples: int = 0
-
-    def markdown(self) -> str:
-        gate = (
-            "quality gate disabled (evaluate.gate=false)"
-            if self.gate == "disabled"
-            else f"quality gate (≥ {self.min_score}) {'passed' if self.gate_passed else 'FAILED'}"
-        )
-        lines = [
-            f"**Test {self.metric} {self.score:.4f}** on {self.num_samples} images; {gate}.",
-            "",
-            " | ".join(f"{k} {v:.4f}" for k, v in self.metrics.items() if "/" not in k),
-            "",
-        ]
-        columns = list(next(iter(self.per_class.values()), {}))
-        if columns:
-            lines += ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-            for name, row in self.per_class.items():
-                cells = [f"{row[c]:.3f}" if c != "support" else str(int(row[c])) for c in columns]
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if self.confusion is not None:
-            lines += ["", "Top confusions:", "", "| true | predicted | images |", "|---|---|---|"]
-            for true, predicted, count in top_confusions(self.confusion, self.classes):
-                lines.append(f"| {true} | {predicted} | {count} |")
-        return "\n".join(lines)
+def report_markdown(result: EvaluateResult) -> str:
+    """The evaluation as Markdown: main metric, gate, all metrics, per-class table, top
+    confusions (MLflow's evaluation/report.md)."""
+    gate = (
+        "quality gate disabled (evaluate.gate=false)"
+        if result.gate == "disabled"
+        else f"quality gate (≥ {result.min_score}) {'passed' if result.gate_passed else 'FAILED'}"
+    )
+    lines = [
+        f"**Test {result.metric} {result.score:.4f}** on {result.num_samples} images; {gate}.",
+        "",
+        " | ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "/" not in k),
+        "",
+    ]
+    columns = list(next(iter(result.per_class.values()), {}))
+    if columns:
+        lines += ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for name, row in result.per_class.items():
+            cells = [f"{row[c]:.3f}" if c != "support" else str(int(row[c])) for c in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.confusion is not None:
+        lines += ["", "Top confusions:", "", "| true | predicted | images |", "|---|---|---|"]
+        for true, predicted, count in top_confusions(result.confusion, result.classes):
+            lines.append(f"| {true} | {predicted} | {count} |")
+    return "\n".join(lines)
 
 
-def evaluate(
-    cfg, dataset_id: str | None = None, checkpoint_uri: str | None = None
-) -> EvaluateResult:
-    """Evaluate the checkpoint (default: this run's best) on the test split; log to MLflow."""
+def evaluate(cfg, dataset_id: str, checkpoint_uri: str) -> EvaluateResult:
+    """Evaluate the checkpoint on the dataset's test split; log to MLflow.
+
+    The task and classes are the checkpoint's (its spec), whatever the config's model says.
+    """
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
-    dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
-    checkpoint_uri = checkpoint_uri or load_step(store, cfg.run_id, "train")["checkpoint_uri"]
     net, spec = load_network(checkpoint_uri, cfg.storage.endpoint)
     task = get_task(spec["task"])
     classes = spec["classes"]
-    dm = build_datamodule(cfg, store, dataset_id)
+    dm = build_datamodule(cfg, store, dataset_id, task.name)
     predict = finite_outputs(task.torch_predictor(net), "the model")
     try:
         scores, examples = task.evaluate(predict, dm.test_dataloader(), classes)
@@ -171,4 +157,4 @@ def _log_to_mlflow(cfg, result: EvaluateResult, png: Path) -> None:
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     client.log_artifact(run_id, str(png), "evaluation")
-    client.log_text(run_id, result.markdown(), "evaluation/report.md")
+    client.log_text(run_id, report_markdown(result), "evaluation/report.md")

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from visionflow.compose.data import build_datamodule
 from visionflow.compose.models import load_network
-from visionflow.runs import load_step, save_step
+from visionflow.results import ExportResult
+from visionflow.runs import save_step
 from visionflow.sessions import ort_session
 from visionflow.steps.evaluate import NonFiniteOutputError, finite_outputs
 from visionflow.storage import open_store
-from visionflow.vision.tasks import Parity, get_task
+from visionflow.vision.tasks import get_task
 from visionflow.vision.tasks.base import exporter_of
 
 log = logging.getLogger("visionflow.export")
@@ -32,26 +32,16 @@ class ExportError(RuntimeError):
     """An exported model does not match the PyTorch model."""
 
 
-@dataclass
-class ExportResult:
-    task: str
-    onnx_uri: str
-    torchscript_uri: str
-    onnx: Parity
-    torchscript: Parity
-    image_size: int
-    onnx_exporter: str = ""  # "dynamo", or "legacy (<why torch.export could not be used>)"
+def export(cfg, dataset_id: str, checkpoint_uri: str) -> ExportResult:
+    """Export the checkpoint; store the files only if parity holds on the dataset's test images.
 
-
-def export(cfg, dataset_id: str | None = None, checkpoint_uri: str | None = None) -> ExportResult:
-    """Export the checkpoint (default: this run's best); store the files only if parity holds."""
+    The result carries the checkpoint's task, classes and image size on to quantize and register.
+    """
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
-    dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
-    checkpoint_uri = checkpoint_uri or load_step(store, cfg.run_id, "train")["checkpoint_uri"]
     net, spec = load_network(checkpoint_uri, cfg.storage.endpoint)
     task = get_task(spec["task"])
     size = spec["image_size"]
-    loader = build_datamodule(cfg, store, dataset_id).test_dataloader()
+    loader = build_datamodule(cfg, store, dataset_id, task.name).test_dataloader()
     limit = cfg.export.max_samples
     reference = finite_outputs(task.torch_predictor(net), "PyTorch")
 
@@ -84,6 +74,8 @@ def export(cfg, dataset_id: str | None = None, checkpoint_uri: str | None = None
         ts_uri = store.put_file(ts_path, f"{prefix}/model.torchscript.pt")
         exporter = exporter_of(onnx_path)
     log.info("ONNX exporter: %s", exporter)
-    result = ExportResult(task.name, onnx_uri, ts_uri, onnx_parity, ts_parity, size, exporter)
+    result = ExportResult(
+        task.name, onnx_uri, ts_uri, onnx_parity, ts_parity, size, list(spec["classes"]), exporter
+    )
     save_step(store, cfg.run_id, "export", result)
     return result

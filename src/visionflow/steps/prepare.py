@@ -10,7 +10,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import webdataset as wds
 
 from visionflow.compose.data import datamodule_class
+from visionflow.results import PrepareResult
 from visionflow.runs import save_step
 from visionflow.storage import ArtifactStore, open_store, sha256_file
 from visionflow.vision.data.datamodules import RawSample
@@ -38,14 +38,6 @@ STAGING = "datasets/incoming"  # shards of a prepare in progress, before its dat
 
 class PrepareError(RuntimeError):
     """The source cannot make a usable dataset (too many bad files, no samples, ...)."""
-
-
-@dataclass
-class PrepareResult:
-    dataset_id: str
-    uri: str  # the dataset's prefix in the artifact store
-    manifest: dict[str, Any]
-    reused: bool  # the same dataset was already in the store
 
 
 def prepare(cfg) -> PrepareResult:

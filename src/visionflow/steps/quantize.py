@@ -21,19 +21,18 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from visionflow.compose.data import build_datamodule
-from visionflow.compose.models import task_of
 from visionflow.host import describe_host, host_cpu
-from visionflow.runs import load_step, save_step
+from visionflow.results import ExportResult, QuantizeResult
+from visionflow.runs import save_step
 from visionflow.sessions import ort_session
 from visionflow.storage import open_store, split_uri
 from visionflow.vision.inference import bench
-from visionflow.vision.tasks import Parity, get_task
+from visionflow.vision.tasks import get_task
 
 log = logging.getLogger("visionflow.quantize")
 
@@ -54,29 +53,6 @@ STORED, REJECTED, UNSUPPORTED = "stored", "rejected", "unsupported"
 
 class QuantizeError(RuntimeError):
     """The int8 model loses more accuracy than allowed, and `quantize.required` is set."""
-
-
-@dataclass
-class QuantizeResult:
-    int8_uri: str  # "" unless an int8 model was stored
-    status: str  # STORED, REJECTED (loses too much), UNSUPPORTED (the task has no int8)
-    reason: str  # why no int8 model was stored
-    metric: str  # the task's main metric, measured for fp32 and int8
-    settings: dict[str, object] = field(default_factory=dict)
-    host: dict[str, str] = field(default_factory=dict)  # the CPU it was measured on
-    fp32_score: float | None = None
-    int8_score: float | None = None
-    accuracy_drop: float | None = None  # points (x100) of the metric
-    parity: Parity | None = None  # int8 against fp32 on test images: max |diff|, agreement
-    # "fp32_b1", "int8_b1", "fp32_b64", "int8_b64": median milliseconds per batch
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    speedup_b1: float | None = None
-    speedup_b64: float | None = None
-    # Where int8 was timed: the faster variant per batch size ("batch_1", "batch_64").
-    faster_variant: dict[str, str] | None = None
-    # The variant the registered model runs by default: int8 only where it is stored and faster
-    # than fp32 on this host at batch 1 and at batch 64.
-    serve_variant: str = "fp32"
 
 
 def quantize_int8(
@@ -128,12 +104,10 @@ def bench_batches(sessions: dict[str, object], image_size: int, repeats: int) ->
     return latency
 
 
-def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) -> QuantizeResult:
-    """Quantize the fp32 ONNX model (default: this run's export), measure it, store it if good."""
+def quantize(cfg, dataset_id: str, exported: ExportResult) -> QuantizeResult:
+    """Quantize export's fp32 ONNX model, measure it on the dataset, store it if good."""
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
-    dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
-    onnx_uri = onnx_uri or load_step(store, cfg.run_id, "export")["onnx_uri"]
-    task = get_task(task_of(cfg))
+    task = get_task(exported.task)
     host = host_cpu()
     if not task.quantizable:
         reason = f"int8 quantization is not supported for {task.name}; the fp32 model is used"
@@ -141,15 +115,15 @@ def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) ->
         result = QuantizeResult("", UNSUPPORTED, reason, task.metric, host=host)
         save_step(store, cfg.run_id, "quantize", result)
         return result
-    dm = build_datamodule(cfg, store, dataset_id)
-    src_store, key = split_uri(onnx_uri, cfg.storage.endpoint)
+    dm = build_datamodule(cfg, store, dataset_id, task.name)
+    src_store, key = split_uri(exported.onnx_uri, cfg.storage.endpoint)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = src_store.get_file(key, Path(tmp) / "model.onnx")
         calibration = _calibration_batches(dm, cfg.quantize.calibration_samples)
         int8 = quantize_int8(fp32, Path(tmp) / "model.int8.onnx", calibration)
         sessions = {"fp32": ort_session(fp32), "int8": ort_session(int8)}
         predict = {name: task.ort_predictor(s) for name, s in sessions.items()}
-        test, classes = dm.test_dataloader(), dm.classes
+        test, classes = dm.test_dataloader(), exported.classes
         fp32_score = task.evaluate(predict["fp32"], test, classes)[0].score
         int8_score = task.evaluate(predict["int8"], test, classes)[0].score
         parity = task.parity(predict["fp32"], predict["int8"], test, cfg.export.max_samples)
@@ -184,7 +158,7 @@ def quantize(cfg, dataset_id: str | None = None, onnx_uri: str | None = None) ->
             log.warning("%s; no int8 file is stored and the run goes on with fp32", result.reason)
             save_step(store, cfg.run_id, "quantize", result)
             return result
-        ms = bench_batches(sessions, int(dm.image_size), cfg.quantize.bench_repeats)
+        ms = bench_batches(sessions, exported.image_size, cfg.quantize.bench_repeats)
         result.latency_ms = ms
         result.speedup_b1 = ms["fp32_b1"] / ms["int8_b1"]
         result.speedup_b64 = ms["fp32_b64"] / ms["int8_b64"]

@@ -32,7 +32,6 @@ import math
 import os
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,8 @@ from omegaconf import OmegaConf
 
 from visionflow import tracking
 from visionflow.compose.data import build_datamodule
-from visionflow.compose.models import task_of
-from visionflow.runs import load_step, save_step
+from visionflow.results import EvaluateResult, ExportResult, QuantizeResult, RegisterResult
+from visionflow.runs import save_step
 from visionflow.sessions import ort_session
 from visionflow.storage import open_store, split_uri
 from visionflow.vision.tasks import get_task
@@ -55,22 +54,8 @@ PYFUNC_CODE = Path(__file__).resolve().parents[1] / "serving" / "onnx_pyfunc.py"
 SESSIONS_CODE = Path(__file__).resolve().parents[1] / "sessions.py"  # the pyfunc's one import
 
 
-@dataclass
-class RegisterResult:
-    model_name: str
-    model_version: int
-    model_uri: str
-    champion: bool  # this version holds the alias now
-    champion_version: int | None
-    reason: str
-    metric: str  # the task's main metric
-    score_onnx: float  # this version's, measured here
-    champion_score: float | None  # the champion's recorded test score
-
-
-def model_name(cfg) -> str:
+def model_name(cfg, task: str) -> str:
     """register.model_name, or visionflow-<data>[-<task> for detection and segmentation]."""
-    task = task_of(cfg)
     suffix = "" if task == "classification" else f"-{task}"
     return cfg.register.model_name or f"visionflow-{cfg.data.name}{suffix}"
 
@@ -93,50 +78,39 @@ def git_commit() -> str:
 
 def register(
     cfg,
-    dataset_id: str | None = None,
-    onnx_uri: str | None = None,
-    int8_uri: str | None = None,
-    torchscript_uri: str | None = None,
-    gate_passed: bool | None = None,
-    pipeline_run: str = "",
+    dataset_id: str,
+    evaluation: EvaluateResult,
+    exported: ExportResult,
+    quantized: QuantizeResult,
 ) -> RegisterResult:
-    """Register this run's model; inputs default to what the run's earlier steps recorded."""
+    """Register export's model files (with quantize's int8 file where it stored one), tagged
+    with evaluate's verdict, and elect the champion on the dataset's test split."""
     import mlflow
     from mlflow.models import infer_signature
 
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
-    rec = {
-        step: load_step(store, cfg.run_id, step)
-        for step in ("prepare", "evaluate", "export", "quantize")
-    }
-    dataset_id = dataset_id or rec["prepare"]["dataset_id"]
-    onnx_uri = onnx_uri or rec["export"]["onnx_uri"]
-    int8_uri = int8_uri or rec["quantize"]["int8_uri"]
-    torchscript_uri = torchscript_uri or rec["export"]["torchscript_uri"]
-    gate_passed = rec["evaluate"]["gate_passed"] if gate_passed is None else gate_passed
-    classes, image_size = rec["evaluate"]["classes"], rec["export"]["image_size"]
-    task = get_task(rec["export"]["task"])
+    classes, image_size = exported.classes, exported.image_size
+    task = get_task(exported.task)
     metrics = {
-        f"eval_test_{task.metric}": rec["evaluate"]["score"],
-        "onnx_max_abs_diff": rec["export"]["onnx"]["max_abs_diff"],
-        "torchscript_max_abs_diff": rec["export"]["torchscript"]["max_abs_diff"],
+        f"eval_test_{task.metric}": evaluation.score,
+        "onnx_max_abs_diff": exported.onnx.max_abs_diff,
+        "torchscript_max_abs_diff": exported.torchscript.max_abs_diff,
     }
-    quantized = rec["quantize"]
-    if quantized["status"] == "stored":
+    if quantized.status == "stored":
         for key in ("accuracy_drop", "speedup_b1", "speedup_b64"):
-            metrics[f"int8_{key}"] = quantized[key]
+            metrics[f"int8_{key}"] = getattr(quantized, key)
     run_id = tracking.run_for(cfg)
     client = mlflow.MlflowClient()
-    name = model_name(cfg)
-    dm = build_datamodule(cfg, store, dataset_id)
+    name = model_name(cfg, task.name)
+    dm = build_datamodule(cfg, store, dataset_id, task.name)
     test = dm.test_dataloader()
 
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for key, uri in (
-            ("onnx", onnx_uri),
-            ("onnx_int8", int8_uri),
-            ("torchscript", torchscript_uri),
+            ("onnx", exported.onnx_uri),
+            ("onnx_int8", quantized.int8_uri),
+            ("torchscript", exported.torchscript_uri),
         ):
             if uri:  # no int8 file where the task has none
                 src, k = split_uri(uri, cfg.storage.endpoint)
@@ -153,7 +127,7 @@ def register(
                 artifacts=files,
                 model_config={
                     "task": task.name,
-                    "variant": quantized["serve_variant"] if "onnx_int8" in files else "fp32",
+                    "variant": quantized.serve_variant if "onnx_int8" in files else "fp32",
                     "classes": list(classes),
                     "image_size": image_size,
                     # the evaluation transform: serving preprocesses as evaluate did
@@ -162,18 +136,17 @@ def register(
                 signature=infer_signature(example, output),
                 pip_requirements=["onnxruntime", "numpy"],
             )
-    gate = "failed" if not gate_passed else "passed" if cfg.evaluate.gate else "disabled"
+    gate = evaluation.gate
     lineage = {
         "visionflow.run_id": cfg.run_id,
-        "pipeline_run": pipeline_run or cfg.run_id,
         "dataset_manifest": dataset_id,
         "test_split": test_split_hash(dm.manifest),
         "git_commit": git_commit(),
         "classes": ",".join(classes),
         "task": task.name,
-        "onnx_exporter": rec["export"]["onnx_exporter"],  # dynamo, or legacy (why)
+        "onnx_exporter": exported.onnx_exporter,  # dynamo, or legacy (why)
         "gate": gate,
-        **({"gate_min_score": str(cfg.evaluate.min_score)} if gate != "disabled" else {}),
+        **({"gate_min_score": str(evaluation.min_score)} if gate != "disabled" else {}),
         f"test_{task.metric}": repr(new_score),  # what the champion election compares
         **{k: f"{v:.6g}" for k, v in metrics.items()},
         **int8_tags(quantized),
@@ -372,21 +345,21 @@ def promote(name: str, version: int, alias: str = CHAMPION, overrides=()) -> dic
     return {"model": name, "version": version, "alias": alias, "moved": True, "reason": reason}
 
 
-def int8_tags(q: dict) -> dict[str, str]:
+def int8_tags(q: QuantizeResult) -> dict[str, str]:
     """The int8 story on the model version: stored or not and why, how it was made, the host it
     was measured on, and which variant was faster there."""
-    tags = {"int8": q["status"], "serve_variant": q["serve_variant"]}
-    if q["status"] == "rejected":
-        tags["int8_rejected"] = q["reason"]
-    if q["settings"]:
-        tags["int8_settings"] = ", ".join(f"{k}={v}" for k, v in q["settings"].items())
-    if q["host"]:
-        tags["quantize_host_cpu"] = f"{q['host']['cpu']} ({q['host']['arch']})"
-        tags["quantize_host_flags"] = q["host"]["flags"] or "none read"
-    if q["status"] == "stored":
+    tags = {"int8": q.status, "serve_variant": q.serve_variant}
+    if q.status == "rejected":
+        tags["int8_rejected"] = q.reason
+    if q.settings:
+        tags["int8_settings"] = ", ".join(f"{k}={v}" for k, v in q.settings.items())
+    if q.host:
+        tags["quantize_host_cpu"] = f"{q.host['cpu']} ({q.host['arch']})"
+        tags["quantize_host_flags"] = q.host["flags"] or "none read"
+    if q.status == "stored":
         tags["faster_variant"] = ", ".join(
-            f"batch {b}: {q['faster_variant'][f'batch_{b}']} "
-            f"(int8 at {q[f'speedup_b{b}']:.2f}x fp32's speed)"
+            f"batch {b}: {q.faster_variant[f'batch_{b}']} "
+            f"(int8 at {getattr(q, f'speedup_b{b}'):.2f}x fp32's speed)"
             for b in (1, 64)
         )
     return tags

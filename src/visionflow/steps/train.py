@@ -38,7 +38,7 @@ from visionflow.compose.training import build_callbacks, build_trainer, progress
 from visionflow.core.config import flatten, to_container
 from visionflow.core.contracts import check_classifier, check_datamodule
 from visionflow.results import TrainResult
-from visionflow.runs import load_step, save_step
+from visionflow.runs import save_step
 from visionflow.storage import ArtifactStore, ChecksumError, StorageError, open_store
 from visionflow.vision.modules import MODULES
 
@@ -49,13 +49,12 @@ def checkpoint_prefix(run_id: str) -> str:
     return f"checkpoints/{run_id}"
 
 
-def train(cfg, dataset_id: str | None = None) -> TrainResult:
-    """Train on the dataset (default: the one this run prepared); resume if the run has a checkpoint."""
+def train(cfg, dataset_id: str) -> TrainResult:
+    """Train on the prepared dataset `dataset_id`; resume if the run has a checkpoint."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
-    dataset_id = dataset_id or load_step(store, cfg.run_id, "prepare")["dataset_id"]
-    task = task_of(cfg)
-    dm = build_datamodule(cfg, store, dataset_id)
+    task = task_of(cfg)  # the model's; from here on, the checkpoint's spec says it
+    dm = build_datamodule(cfg, store, dataset_id, task)
     check_datamodule(dm, task)
     net = build_model(cfg.model, num_classes=len(dm.classes), image_size=dm.image_size)
     if task == "classification":
@@ -150,10 +149,10 @@ def train(cfg, dataset_id: str | None = None) -> TrainResult:
     return result
 
 
-def train_anywhere(cfg, overrides: list[str], dataset_id: str | None = None) -> TrainResult:
+def train_anywhere(cfg, overrides: list[str], dataset_id: str) -> TrainResult:
     """The train step where `cluster.launcher` says: here, or as a PyTorchJob on the cluster."""
     if use_pytorchjob(cfg):
-        return train_on_cluster(cfg, overrides)
+        return train_on_cluster(cfg, overrides, dataset_id)
     return train(cfg, dataset_id)
 
 

@@ -21,7 +21,8 @@ def export(
         run_id: The run's id.
         dataset: The prepared dataset (test images for the parity check).
         model: The checkpoint to export.
-        onnx: The fp32 ONNX model.
+        onnx: The fp32 ONNX model; its file holds the export step's result (both files' URIs,
+            parity, the checkpoint's task, classes and image size), for quantize and register.
         torchscript: The TorchScript model.
         parity: Max |logit difference| and top-1 agreement of each export.
     """
@@ -34,7 +35,8 @@ def export(
         dataset_id=dataset.metadata["dataset_id"],
         checkpoint_uri=uri_of(model),
     )
-    write_pointer(onnx, r.onnx_uri, max_abs_diff=r.onnx.max_abs_diff, image_size=r.image_size)
+    write_pointer(onnx, r.onnx_uri, r, max_abs_diff=r.onnx.max_abs_diff,
+                  image_size=r.image_size, exporter=r.onnx_exporter)  # fmt: skip
     write_pointer(
         torchscript,
         r.torchscript_uri,

@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
 from visionflow.kfp.components import IMAGE
 
@@ -9,10 +9,10 @@ def register(
     overrides: list,
     run_id: str,
     dataset: Input[Dataset],
+    model: Input[Model],
+    evaluation: Input[Artifact],
     onnx: Input[Model],
-    torchscript: Input[Model],
     int8: Input[Model],
-    gate_passed: bool,
     report: Output[Markdown],
 ) -> str:
     """Register the model in MLflow; move the `champion` alias if it passed the gate and is better.
@@ -21,10 +21,10 @@ def register(
         overrides: Hydra overrides for this run.
         run_id: The run's id.
         dataset: The prepared dataset (its test split decides the champion).
-        onnx: The fp32 ONNX model.
-        torchscript: The TorchScript model.
-        int8: The int8 ONNX model.
-        gate_passed: The quality gate's verdict from evaluate.
+        model: The trained checkpoint (for the run's summary: its MLflow run, its URI).
+        evaluation: evaluate's result: the test score and the quality gate's verdict.
+        onnx: The fp32 ONNX model, with export's result (the TorchScript file, parity).
+        int8: The int8 ONNX model, with quantize's result (stored or why not, speed-ups).
         report: The registered version and the champion decision.
 
     Returns:
@@ -32,17 +32,28 @@ def register(
     """
     import json
 
-    from visionflow.kfp.io import step_config, uri_of
+    from visionflow.kfp.io import read_result, step_config
+    from visionflow.results import EvaluateResult, ExportResult, QuantizeResult, TrainResult
     from visionflow.retry import retrying
     from visionflow.runs import summary
     from visionflow.steps.register import register as run
-    from visionflow.storage import open_store
 
     cfg = step_config(overrides, run_id)
-    r = retrying(run)(cfg, dataset_id=dataset.metadata["dataset_id"], onnx_uri=uri_of(onnx), int8_uri=uri_of(int8),
-            torchscript_uri=uri_of(torchscript), gate_passed=gate_passed)  # fmt: skip
+    evaluated, exported = read_result(evaluation, EvaluateResult), read_result(onnx, ExportResult)
+    quantized = read_result(int8, QuantizeResult)
+    r = retrying(run)(cfg, dataset.metadata["dataset_id"], evaluated, exported, quantized)
     with open(report.path, "w") as f:
         f.write(f"**{r.model_name} v{r.model_version}**; champion: {r.champion} ({r.reason})\n")
+    trained = read_result(model, TrainResult)
     return json.dumps(
-        summary(open_store(cfg.storage.root, cfg.storage.endpoint), run_id, cfg.tracking.uri)
+        summary(
+            cfg.tracking.uri,
+            run_id,
+            dataset.metadata["uri"],
+            trained,
+            evaluated,
+            exported,
+            quantized,
+            r,
+        )  # fmt: skip
     )

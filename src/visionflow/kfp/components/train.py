@@ -22,17 +22,23 @@ def train(
         overrides: Hydra overrides for this run.
         run_id: The run's id.
         dataset: The prepared dataset.
-        model: Points at the best checkpoint.
-        metrics: The best value of the task's validation metric, and training length.
+        model: Points at the best checkpoint; its file holds the train step's result.
+        metrics: The best value of the task's validation metric, training length, and the
+            last epoch's throughput (images/s, step time, data wait, GPU use: `perf_*`).
     """
+    import math
+
     from visionflow.kfp.io import step_config, write_pointer
     from visionflow.retry import retrying
     from visionflow.steps.train import train_anywhere
 
     cfg = step_config(overrides, run_id)
     r = retrying(train_anywhere)(cfg, overrides, dataset_id=dataset.metadata["dataset_id"])
-    write_pointer(model, r.checkpoint_uri, mlflow_run_id=r.mlflow_run_id, spec=r.spec,
+    write_pointer(model, r.checkpoint_uri, r, mlflow_run_id=r.mlflow_run_id, task=r.spec["task"],
                   monitor=r.monitor, best_score=r.best_score,
                   resumed_from_step=r.resumed_from_step)  # fmt: skip
     metrics.log_metric("best_" + r.monitor.replace("/", "_"), r.best_score)
     metrics.log_metric("global_step", r.global_step)
+    for key, value in r.final_metrics.items():  # telemetry; a GPU's only where sampled
+        if key.startswith("perf/") and math.isfinite(value):
+            metrics.log_metric(key.replace("/", "_"), value)

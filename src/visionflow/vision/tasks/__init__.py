@@ -8,12 +8,12 @@ implementation.
 from __future__ import annotations
 
 from visionflow.core.config import ConfigError
-from visionflow.vision.tasks.base import DenseTask, Parity, Scores, Task
+from visionflow.vision.tasks.base import DenseTask, Scores, Task
 from visionflow.vision.tasks.classification import ClassificationTask
 from visionflow.vision.tasks.detection import DetectionTask
 from visionflow.vision.tasks.segmentation import SegmentationTask
 
-__all__ = ["TASKS", "DenseTask", "Parity", "Scores", "Task", "get_task"]
+__all__ = ["TASKS", "DenseTask", "Scores", "Task", "get_task"]
 
 TASKS: dict[str, Task] = {
     t.name: t for t in (ClassificationTask(), DetectionTask(), SegmentationTask())

@@ -8,7 +8,6 @@ an exported file with PyTorch, and how to export. The implementations live besid
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 
+from visionflow.results import Parity
 from visionflow.vision.inference import ort_predictor, torch_predictor
 
 # The ONNX file's metadata key that says which exporter wrote it: "dynamo" (torch.export), or
@@ -35,26 +35,6 @@ class Scores:
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # a table's rows
     confusion: list[list[int]] | None = None  # classification: rows true, columns predicted
     num_samples: int = 0
-
-
-@dataclass
-class Parity:
-    """How an exported model's outputs differ from PyTorch's on the same images."""
-
-    max_abs_diff: float  # logits; detection: box coordinates (pixels) and scores
-    agreement: float  # share of images (pixels for segmentation) with the same decision
-    samples: int
-
-    def problem(self, atol: float, min_agreement: float) -> str | None:
-        """Why the export fails parity, or None. NaN or infinite outputs always fail."""
-        if not math.isfinite(self.max_abs_diff):
-            return f"outputs are not finite (max |diff| {self.max_abs_diff})"
-        if self.max_abs_diff > atol or self.agreement < min_agreement:
-            return (
-                f"max |diff| {self.max_abs_diff:.2e} (limit {atol:.0e}), agreement "
-                f"{self.agreement:.4f} (limit {min_agreement})"
-            )
-        return None
 
 
 class Task:
