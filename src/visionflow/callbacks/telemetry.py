@@ -11,8 +11,8 @@ Logged once per training epoch under `perf/` (in MLflow through the trainer's lo
 - `perf/gflops_per_image`: the model's FLOPs per training image, forward and backward, counted by
   `torch.utils.flop_counter.FlopCounterMode` on the first real training step (eager, even when the
   network is compiled), and again whenever the training image size changes (progressive resizing).
-- `perf/mfu`: model FLOPs utilisation, achieved FLOPs/s over the GPU's dense bf16 peak (`PEAK_BF16`),
-  whatever precision the run trains in: on a GPU the table knows.
+- `perf/mfu`: model FLOPs utilisation: the FLOPs/s achieved over the GPU's dense bf16 peak
+  (`PEAK_BF16`), whatever precision the run trains in; on a GPU the table lists.
 - `perf/gpu_memory_peak_gib`: `torch.cuda.max_memory_allocated` over the epoch; on CUDA.
 - `perf/gpu_utilisation`: the mean share of time the GPU ran a kernel (NVML, sampled every
   `utilisation_every_s` seconds at the end of a batch); on CUDA with nvidia-ml-py installed
@@ -154,8 +154,10 @@ class Telemetry(pl.Callback):
         if self._sample_utilisation:  # (every rank logs the same keys: DDP reduces each)
             busy = sum(self._busy) / len(self._busy) if self._busy else float("nan")
             metrics["gpu_utilisation"] = (busy, "mean")
-        for name, (value, reduce) in metrics.items():
-            pl_module.log(f"perf/{name}", value, on_epoch=True, sync_dist=True, reduce_fx=reduce)
+        for name, (value, reduce) in metrics.items():  # one value per rank: batch_size=1
+            pl_module.log(
+                f"perf/{name}", value, on_epoch=True, sync_dist=True, reduce_fx=reduce, batch_size=1
+            )
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
