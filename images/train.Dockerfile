@@ -41,10 +41,11 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
 # The dependencies before the code, so that a code change reuses this (multi-GB) layer. torch
-# comes from PyPI: the cu130 build described above, with its nvidia-* wheels, all under the lock.
+# comes from PyPI: the cu130 build described above, with its nvidia-* wheels, all under the lock;
+# the `gpu` extra adds NVML's bindings (GPU utilisation in the training telemetry).
 WORKDIR /src
 COPY pyproject.toml requirements.lock ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['gpu'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install -c requirements.lock -r /tmp/requirements.txt
 

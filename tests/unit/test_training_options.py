@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import tiny_overrides
 from visionflow.callbacks.stopping import TaskEarlyStopping
+from visionflow.callbacks.telemetry import Telemetry
 from visionflow.compose.models import build_model
 from visionflow.compose.training import build_callbacks, build_trainer
 from visionflow.core.config import ConfigError, load_config, to_container
@@ -43,11 +44,12 @@ def test_callbacks_compose_with_the_defaults_and_with_each_other(tmp_path):
     built = {type(cb): cb for cb in build_callbacks(cfg.callbacks)}
     assert set(built) == {
         LearningRateMonitor,  # from callbacks/default, which each of them extends
+        Telemetry,  # likewise
         WeightAveraging,
         TaskEarlyStopping,
         StochasticWeightAveraging,
     }
-    assert list(_config(tmp_path, "callbacks=ema").callbacks) == ["lr_monitor", "ema"]
+    assert list(_config(tmp_path, "callbacks=ema").callbacks) == ["lr_monitor", "telemetry", "ema"]
 
 
 @pytest.mark.parametrize(
