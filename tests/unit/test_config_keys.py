@@ -179,7 +179,7 @@ def test_model_options_agree_with_their_builders_defaults(option):
 
 
 def _fail_with(monkeypatch, err: Exception) -> None:
-    def run_step(step, overrides):
+    def run_step(step, overrides, dataset_id=None, checkpoint_uri=None):
         raise err
 
     monkeypatch.setattr(cli, "run_step", run_step)
