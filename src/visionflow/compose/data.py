@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -11,7 +12,7 @@ from visionflow.compose import plain
 from visionflow.core.config import ConfigError
 from visionflow.core.registry import DATAMODULES, UnknownNameError
 from visionflow.storage import ArtifactStore
-from visionflow.vision.data.cached import batch_augment_from, check_cache_mode
+from visionflow.vision.data.cached import BatchAugment, batch_augment_from, check_cache_mode
 from visionflow.vision.tasks import get_task
 from visionflow.vision.transforms import batch, build_transform
 
@@ -37,17 +38,31 @@ def datamodule_class(name: str):
         raise ConfigError(f"data.name: {err}") from None
 
 
-def batch_augment(cfg: DictConfig, task: str = "classification"):
-    """The on-device augmentation for `data.cache` memory|gpu; None for the shard path."""
+def batch_augment(cfg: DictConfig, task: str = "classification") -> BatchAugment | None:
+    """`transforms.train` as whole-batch operations, or None.
+
+    `data.cache` memory|gpu needs them (see cached.py). The shard path (none) takes them for
+    classification steps `[resize, random_crop, horizontal_flip]` (the last two optional, each
+    once): the same pixels as those steps per sample, from each sample's own draws, at a
+    fraction of the cost; any other steps run per sample.
+    """
+    steps = plain(cfg.transforms.train)
     if check_cache_mode(cfg.data.cache) == "none":
-        return None
+        names = [step.get("name") for step in steps]
+        if task != "classification" or names[:1] != ["resize"] or len(set(names)) < len(names):
+            return None
+        try:
+            augment = batch_augment_from(steps, "transforms.train")
+        except ConfigError:
+            return None  # a step without a batched version
+        return replace(augment, resize=cfg.data.image_size)
     if task != "classification":
         raise ConfigError(
             f"data.cache={cfg.data.cache} serves classification batches only; the model is "
             f"for {task}: use data.cache=none"
         )
     batch_augment_from(plain(cfg.transforms.eval), "transforms.eval")  # only resize there
-    return batch_augment_from(plain(cfg.transforms.train), "transforms.train")
+    return batch_augment_from(steps, "transforms.train")
 
 
 def build_datamodule(cfg: DictConfig, store: ArtifactStore, dataset_id: str, task: str):

@@ -1,7 +1,8 @@
 """Decoded-once datasets served from memory or the GPU, augmented there (`data.cache`).
 
 `data.cache=none` is the shard path: DataLoader workers decode and augment every image every
-epoch. For small images that path is bound by the CPU long before the GPU is busy. With
+epoch (the steps `[resize, random_crop, horizontal_flip]` as whole batches, see `BatchAugment`).
+For small images that path is bound by the CPU long before the GPU is busy. With
 `memory` or `gpu`, a split's shards are decoded once into one uint8 tensor (N, 3, H, W), kept in
 CPU memory or on the GPU, and whole batches are cut from it, augmented on that device (random
 translation with reflect padding, horizontal flip) and converted to float [0, 1] there.
@@ -37,11 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from visionflow.core.config import ConfigError
 from visionflow.vision.data.resumable import EpochOrder, ResumableBatches, seed_for
-from visionflow.vision.data.shards import ShardDataset
-from visionflow.vision.images import decode_image
+from visionflow.vision.data.shards import ShardDataset, decode_pixels
 
 log = logging.getLogger("visionflow.data")
 
@@ -68,29 +69,75 @@ def cache_device(mode: str, preferred: torch.device | None = None) -> torch.devi
 @dataclass(frozen=True)
 class BatchAugment:
     """Random translation by up to `translate` pixels (reflect padding) and horizontal flips,
-    applied to a whole uint8 batch at once on the batch's device."""
+    applied to a whole uint8 batch at once on the batch's device.
+
+    The cached path draws a batch's moves from one generator (`__call__`). The shard path
+    (`data.cache=none`) uses it for steps `[resize, random_crop, horizontal_flip]`: each sample
+    draws its own move in its DataLoader worker, with torch's RNG seeded for that sample as for
+    any per-sample transform, after a resize to `resize` pixels square (`per_sample`), and
+    `collate` moves the whole batch and converts it to float [0, 1]: the same pixels the
+    per-sample steps give for those moves, at a fraction of their cost.
+    """
 
     translate: int = 0
     flip_p: float = 0.0
+    resize: int | None = None  # the shard path's leading `resize` step (cached: at decode)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n, c, h, w = images.shape
-        dev = images.device
+        return self.apply(images, self.draw(len(images), images.device, generator))
+
+    def draw(
+        self, n: int, device: torch.device | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """`n` images' moves (n, 3): flipped (0 or 1), then the crop's row and column offset in
+        the padded image (0..2*translate); from `generator`, else torch's global RNG."""
+        moves = torch.zeros(n, 3, dtype=torch.long, device=device)
         if self.flip_p > 0:
-            flip = torch.rand(n, device=dev, generator=generator) < self.flip_p
-            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+            moves[:, 0] = torch.rand(n, device=device, generator=generator) < self.flip_p
         if self.translate > 0:
-            t = self.translate
-            # reflect padding is not implemented for uint8: pad as float16, exact for 0..255
-            padded = torch.nn.functional.pad(images.half(), (t, t, t, t), mode="reflect")
-            padded = padded.to(images.dtype)
-            dy, dx = torch.randint(0, 2 * t + 1, (2, n, 1), device=dev, generator=generator)
-            rows = (torch.arange(h, device=dev) + dy)[:, None, :, None]  # (n, 1, h, 1)
-            cols = (torch.arange(w, device=dev) + dx)[:, None, None, :]  # (n, 1, 1, w)
-            batch = torch.arange(n, device=dev)[:, None, None, None]
-            chans = torch.arange(c, device=dev)[None, :, None, None]
-            images = padded[batch, chans, rows, cols]
-        return images
+            span = 2 * self.translate + 1
+            moves[:, 1:] = torch.randint(0, span, (2, n), device=device, generator=generator).T
+        return moves
+
+    def apply(self, images: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) flipped, padded by reflection and cropped back as `moves` say,
+        in one gather (indexing all four dimensions at once is several times slower on a CPU)."""
+        n, c, h, w = images.shape
+        t = self.translate
+        if t >= min(h, w):
+            raise ValueError(f"random_crop padding {t} must be smaller than the image ({h}x{w})")
+        flip, dy, dx = moves.T
+        rows = _reflect(torch.arange(h, device=images.device) + dy[:, None] - t, h)  # (n, h)
+        cols = _reflect(torch.arange(w, device=images.device) + dx[:, None] - t, w)  # (n, w)
+        cols = torch.where(flip[:, None].bool(), w - 1 - cols, cols)  # flipped before padding
+        index = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+        return images.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+
+    def per_sample(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The shard path's work on one decoded uint8 image: (the image resized, its move as
+        `draw` gives one, from torch's global RNG)."""
+        size = self.resize
+        if size is not None and image.shape[-2:] != (size, size):  # the `resize` step's call
+            image = v2.functional.resize(image, [size, size], antialias=True)
+        flip = self.flip_p > 0 and float(torch.rand(())) < self.flip_p
+        t = self.translate
+        dy, dx = torch.randint(0, 2 * t + 1, (2,)).tolist() if t > 0 else (0, 0)
+        return image, (int(flip), dy, dx)
+
+    def collate(
+        self, samples: list[tuple[tuple[torch.Tensor, tuple[int, int, int]], int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`per_sample`'s results and labels -> (moved images, float [0, 1]; labels)."""
+        images = torch.stack([image for (image, _), _ in samples])
+        moves = torch.tensor([move for (_, move), _ in samples])
+        labels = torch.tensor([label for _, label in samples])
+        moved = self.apply(images, moves)
+        return v2.functional.to_dtype(moved, torch.float32, scale=True), labels  # as ToDtype
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions in a row of `size` pixels padded by reflection (-1 -> 1, size -> size - 2)."""
+    return (size - 1) - ((size - 1) - index.abs()).abs()
 
 
 def batch_augment_from(steps: Sequence[dict[str, Any]], where: str) -> BatchAugment:
@@ -121,10 +168,11 @@ def decode_shards(shards: list[Path], image_size: int) -> tuple[torch.Tensor, to
     started = time.monotonic()
     with _ShardReader(data) as read:
         for i, entry in enumerate(data.entries):
-            image = decode_image(read(entry))
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
-            images[i] = np.asarray(image)
+            pixels = decode_pixels(read(entry)).permute(1, 2, 0).numpy()
+            if pixels.shape[:2] != (image_size, image_size):
+                image = Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR)
+                pixels = np.asarray(image)
+            images[i] = pixels
     log.info("decoded %d images in %.1fs", n, time.monotonic() - started)
     labels = torch.tensor(data.labels, dtype=torch.long)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels

@@ -52,7 +52,8 @@ class ShardDataModule(pl.LightningDataModule):
 
     `cache="none"` serves batches through DataLoaders that decode every epoch; `"memory"` or
     `"gpu"` decodes each split once and serves `DeviceBatches` augmented by `batch_augment`
-    (see `cached.py`).
+    (see `cached.py`). With `"none"`, a `batch_augment` (the same steps as `train_transform`)
+    takes the place of `train_transform`: workers move whole batches instead of single images.
 
     Training batches either way are `ResumableBatches`: the DataModule's state (in every
     checkpoint) says how far the training epoch had got, and a run restored from a mid-epoch
@@ -104,8 +105,13 @@ class ShardDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             paths = fetch_shards(self.store, self.manifest, split, self.cache_dir)
             tf = self.train_transform if split == "train" else self.eval_transform
+            if split == "train" and self._batch_augments_shards():
+                tf = self.batch_augment.per_sample
             self.datasets[split] = ShardDataset(paths, tf, self.task)
         return self.datasets[split]
+
+    def _batch_augments_shards(self) -> bool:
+        return self.cache == "none" and self.batch_augment is not None
 
     def decoded(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A split as uint8 images (N, 3, S, S) and labels, decoded once, on the cache device."""
@@ -157,13 +163,14 @@ class ShardDataModule(pl.LightningDataModule):
             batches: ResumableBatches = self._device_batches("train", train=True)
         else:
             dataset, (rank, world_size) = self.dataset("train"), self._rank()
+            collate = self.batch_augment.collate if self._batch_augments_shards() else None
             batches = ShardBatches(
                 dataset,
                 EpochOrder(len(dataset), shuffle=True, seed=self.seed, rank=rank,
                            world_size=world_size),
                 self.batch_size,
                 num_workers=self.num_workers,
-                collate_fn=self.collate_fn,
+                collate_fn=collate or self.collate_fn,
                 pin_memory=torch.cuda.is_available(),
                 pending=self._take_train_state,
             )  # fmt: skip
