@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         }
 
         store = open_store(cfg.storage.root, cfg.storage.endpoint)
-        shard_path = build_datamodule(cfg, store, dataset_id)
+        shard_path = build_datamodule(cfg, store, dataset_id, "classification")
         cached_cfg = load_config([*base, "data.cache=memory"])
-        cached = build_datamodule(cached_cfg, store, dataset_id)
+        cached = build_datamodule(cached_cfg, store, dataset_id, "classification")
         start = time.perf_counter()
         cached.decoded("train")
         decode_once = time.perf_counter() - start
