@@ -89,6 +89,9 @@ class Telemetry(pl.Callback):
         self._sample_utilisation = self._cuda and _utilisation(device) is not None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._begin_epoch(trainer, pl_module)
+
+    def _begin_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._images = 0
@@ -101,6 +104,8 @@ class Telemetry(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not self._in_epoch:  # resumed mid-epoch: Lightning does not start that epoch again
+            self._begin_epoch(trainer, pl_module)
         self._waited += time.perf_counter() - self._ready
         key = _input_key(pl_module, batch)
         if key != self._flops_key:
