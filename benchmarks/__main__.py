@@ -2,10 +2,10 @@
 
 import argparse
 
-from benchmarks import int8, train_step
+from benchmarks import int8, prune, train_step
 
 # benchmarks.serve (`make bench-serve`) is not here: it needs locust's venv and two servers.
-BENCHES = {"train_step": train_step, "int8": int8}
+BENCHES = {"train_step": train_step, "int8": int8, "prune": prune}
 
 
 def main() -> None:
