@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
     p.add_argument("--width", type=int, default=16, help="simple_cnn's width")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("overrides", nargs="*", help="more config overrides (trainer.max_epochs=4)")
     args = p.parse_args(argv)
     logging.getLogger("visionflow").setLevel(logging.WARNING)
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             [f"workdir={workdir}", "run_id=prune-bench", "experiment=shapes_quick",
              f"model.width={args.width}", "optimize=prune",
              f"optimize.target_macs={args.target_macs}", f"optimize.epochs={args.epochs}",
-             f"optimize.bench_repeats={args.repeats}"]
+             f"optimize.bench_repeats={args.repeats}", *args.overrides]
         )  # fmt: skip
         dataset_id = prepare(cfg).dataset_id
         trained = train(cfg, dataset_id)
