@@ -37,7 +37,7 @@ def _spec(**more):
 def test_pruning_reaches_the_mac_budget_and_keeps_the_classes(pruned):
     net, shapes, before = pruned
     after = macs_and_params(net, SIZE)[0]
-    assert 0.4 * before < after <= 0.5 * before
+    assert 0.25 * before < after <= 0.5 * before
     assert net(torch.rand(2, 3, SIZE, SIZE)).shape == (2, CLASSES)
     assert shapes and all("out_features" not in s or s["out_features"] == CLASSES
                           for s in shapes.values())  # fmt: skip

@@ -1,5 +1,5 @@
 """Predictors over numpy batches with PyTorch, TorchScript or ONNX Runtime (see vision/tasks),
-and `side_by_side`, which times them against each other (quantize, optimize and serving)."""
+and `bench`, which times ONNX Runtime sessions side by side (quantize and serving)."""
 
 from __future__ import annotations
 
@@ -29,15 +29,9 @@ def ort_predictor(session) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def bench(sessions: dict[str, object], batch: np.ndarray, repeats: int) -> dict[str, float]:
-    """Median milliseconds per run of each ONNX Runtime session on `batch` (`side_by_side`)."""
-    return side_by_side({name: ort_predictor(s) for name, s in sessions.items()}, batch, repeats)
-
-
-def side_by_side(
-    runs: dict[str, Callable[[np.ndarray], object]], batch: np.ndarray, repeats: int
-) -> dict[str, float]:
-    """Median milliseconds per call of each predictor on `batch`, calls interleaved so that load
-    on the machine hits every predictor alike."""
+    """Median milliseconds per run of each session on `batch`, runs interleaved so that load on
+    the machine hits every session alike."""
+    runs = {name: ort_predictor(s) for name, s in sessions.items()}
     for run in runs.values():
         run(batch)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in runs}
