@@ -2,10 +2,10 @@
 
 import argparse
 
-from benchmarks import int8, loader, train_step
+from benchmarks import int8, loader, prune, train_step
 
 # benchmarks.serve (`make bench-serve`) is not here: it needs locust's venv and two servers.
-BENCHES = {"train_step": train_step, "int8": int8, "loader": loader}
+BENCHES = {"train_step": train_step, "int8": int8, "loader": loader, "prune": prune}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import visionflow.vision.models  # noqa: F401  (fills the MODELS registry)
 from visionflow.compose import plain
 from visionflow.core.contracts import model_params, model_task
 from visionflow.storage import split_uri
+from visionflow.vision.pruning import reshape_layers
 
 
 def build_model(model_cfg: Any, num_classes: int, image_size: int | None = None) -> nn.Module:
@@ -33,7 +34,12 @@ def task_of(cfg: DictConfig) -> str:
 def load_network(
     checkpoint_uri: str, endpoint: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The network (in eval mode, on CPU) and its spec, from a Lightning checkpoint's URI."""
+    """The network (in eval mode, on CPU) and its spec, from a Lightning checkpoint's URI.
+
+    A pruned network (the optimize step's) is rebuilt from its registered builder and then given
+    the channel counts its spec records under "pruned" (vision/pruning.py) before its weights
+    load: the checkpoint holds tensors and plain values only, never a pickled module.
+    """
     store, key = split_uri(checkpoint_uri, endpoint)
     with tempfile.TemporaryDirectory() as tmp:
         local = store.get_file(key, Path(tmp) / "model.ckpt")
@@ -49,5 +55,7 @@ def load_network(
     weights = {
         k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
     }
+    if pruned := spec.get("pruned"):
+        reshape_layers(net, pruned, weights)
     net.load_state_dict(weights)
     return net.eval(), spec

@@ -20,8 +20,8 @@ from visionflow.core.registry import CALLBACKS, UnknownNameError
 
 def check_options(cfg: DictConfig) -> None:
     """Check the registered options a config names (model, transforms, callbacks) by name and
-    key, without its data: what `visionflow config` checks beyond the `_target_` blocks that
-    `load_config` binds. Raises ConfigError naming the key."""
+    key, and the optimize step's values, without its data: what `visionflow config` checks
+    beyond the `_target_` blocks that `load_config` binds. Raises ConfigError naming the key."""
     task = task_of(cfg)
     model_params(to_container(cfg.model))
     build_transforms(cfg, task)
@@ -36,6 +36,29 @@ def check_options(cfg: DictConfig) -> None:
                 raise ConfigError(f"callbacks.{key}: {err}") from None
             options = {k: v for k, v in entry.items() if k != "name"}
             check_call(factory, options, f"callbacks.{key}", name)
+    check_optimize(cfg)
+
+
+OPTIMIZE_METHODS = ("none", "prune")
+
+
+def check_optimize(cfg: DictConfig) -> None:
+    """`optimize.*` values that cannot work (steps/optimize.py), named before any work."""
+    o = cfg.optimize
+    if o.method not in OPTIMIZE_METHODS:
+        raise ConfigError(
+            f"optimize.method={o.method!r}: choose one of {', '.join(OPTIMIZE_METHODS)}"
+        )
+    if o.method == "none":
+        return
+    if task_of(cfg) != "classification":
+        raise ConfigError(
+            f"optimize={o.method} prunes classifiers; the model is for {task_of(cfg)}"
+        )
+    if not 0 < o.target_macs < 1:
+        raise ConfigError(f"optimize.target_macs={o.target_macs}: a share in (0, 1) of the MACs")
+    if o.epochs < 1:
+        raise ConfigError(f"optimize.epochs={o.epochs}: a pruned network needs fine-tuning")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -138,6 +138,19 @@ class EvaluateConfig:
 
 
 @dataclass
+class OptimizeConfig:
+    """The optional step between train and evaluate/export: `optimize=prune` (see
+    steps/optimize.py); `none` (the default) skips it."""
+
+    method: str = "none"  # none | prune
+    # prune: keep this share of the network's multiply-accumulates (MACs), by removing whole
+    # channels of least L2 norm; the classifier's output layer keeps its classes.
+    target_macs: float = 0.5
+    epochs: int = 3  # prune: fine-tuning epochs of the pruned network, with the run's optim
+    bench_repeats: int = 20  # timed batches of 64 per network (before, after)
+
+
+@dataclass
 class ExportConfig:
     """Exported files against PyTorch on test images."""
 
@@ -267,6 +280,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)

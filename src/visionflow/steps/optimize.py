@@ -1,0 +1,193 @@
+"""optimize: the optional step between train and evaluate/export that makes the network cheaper.
+
+`optimize=prune` removes whole channels (vision/pruning.py) until the network costs
+`optimize.target_macs` of its multiply-accumulates, then fine-tunes it for `optimize.epochs`
+with the run's own module, data, optimizer and trainer settings, keeping the epoch with the best
+validation metric. The pruned checkpoint goes to `checkpoints/<run_id>/pruned.ckpt`; evaluate,
+export and quantize take it as they take train's (compose.models.load_network rebuilds it).
+
+Before and after are measured side by side in this process: parameters, MACs of one image,
+median milliseconds per batch of 64 on the CPU in ONNX Runtime (fp32, what serve and predict run;
+calls alternating), and the task's main metric on the test split. They are logged to MLflow as `optimize/...` metrics and recorded with the host's CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers.logger import DummyLogger
+from omegaconf import OmegaConf
+from torch import nn
+
+from visionflow import tracking
+from visionflow.compose.data import build_batch_transform, build_datamodule
+from visionflow.compose.models import load_network
+from visionflow.compose.training import build_callbacks, build_trainer, progress_callback
+from visionflow.compose.validation import check_optimize
+from visionflow.core.config import ConfigError, to_container
+from visionflow.host import describe_host, host_cpu
+from visionflow.runs import save_step
+from visionflow.sessions import ort_session
+from visionflow.steps.evaluate import finite_outputs
+from visionflow.steps.train import checkpoint_prefix
+from visionflow.storage import ArtifactStore, open_store
+from visionflow.vision.inference import bench
+from visionflow.vision.modules import MODULES
+from visionflow.vision.pruning import macs_and_params, output_layers, prune_to_macs
+from visionflow.vision.tasks import Task, get_task
+
+log = logging.getLogger("visionflow.optimize")
+
+BATCH = 64  # images per timed batch
+
+
+@dataclass
+class OptimizeResult:
+    checkpoint_uri: str  # the pruned, fine-tuned checkpoint
+    method: str  # prune
+    target_macs: float  # the share of MACs asked for
+    metric: str  # the task's main test metric (accuracy)
+    epochs: int  # of fine-tuning
+    params_before: int
+    params_after: int
+    macs_before: int  # multiply-accumulates of one image
+    macs_after: int
+    latency_ms_before: float  # median per batch of BATCH images, ONNX Runtime fp32 on `host`
+    latency_ms_after: float
+    score_before: float
+    score_after: float
+    macs_kept: float  # macs_after / macs_before
+    speedup: float  # latency_ms_before / latency_ms_after
+    score_drop: float  # points (x100) of the metric lost
+    host: dict[str, str] = field(default_factory=dict)  # the CPU the latencies were measured on
+
+    def markdown(self) -> str:
+        rows = [
+            ("parameters", f"{self.params_before:,}", f"{self.params_after:,}"),
+            ("MACs per image", f"{self.macs_before:,}", f"{self.macs_after:,}"),
+            (f"ms per batch of {BATCH} (ONNX Runtime)", f"{self.latency_ms_before:.2f}",
+             f"{self.latency_ms_after:.2f}"),
+            (f"test {self.metric}", f"{self.score_before:.4f}", f"{self.score_after:.4f}"),
+        ]  # fmt: skip
+        return "\n".join(
+            [
+                f"**Pruned to {self.macs_kept:.1%} of the MACs** (target {self.target_macs:.0%}) "
+                f"and fine-tuned ({self.epochs} epochs): {self.speedup:.2f}x faster at batch "
+                f"{BATCH} on {describe_host(self.host)}, {self.score_drop:.2f} points of "
+                f"{self.metric} lost.",
+                "",
+                "| | before | after |",
+                "|---|---|---|",
+                *(f"| {name} | {before} | {after} |" for name, before, after in rows),
+            ]
+        )
+
+
+def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult:
+    """Prune the checkpoint's network to `optimize.target_macs`, fine-tune it, measure both."""
+    check_optimize(cfg)
+    if cfg.optimize.method != "prune":
+        raise ConfigError("optimize.method=none: there is nothing to run (choose optimize=prune)")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    store = open_store(cfg.storage.root, cfg.storage.endpoint)
+    original, spec = load_network(checkpoint_uri, cfg.storage.endpoint)
+    task = get_task(spec["task"])
+    dm = build_datamodule(cfg, store, dataset_id)
+    size = spec["image_size"]
+
+    net = copy.deepcopy(original)
+    shapes = prune_to_macs(
+        net, size, cfg.optimize.target_macs, keep=output_layers(net, len(spec["classes"]))
+    )
+    # Absolute channel counts: a pruned checkpoint pruned again records the union.
+    spec = {**spec, "pruned": {**spec.get("pruned", {}), **shapes}}
+    pruned_uri = _fine_tune(cfg, net, spec, dm, store)
+    pruned, _ = load_network(pruned_uri, cfg.storage.endpoint)
+
+    (macs_before, params_before), (macs_after, params_after) = (
+        macs_and_params(n, size) for n in (original, pruned)
+    )
+    batch = np.random.default_rng(0).random((BATCH, 3, size, size), dtype=np.float32)
+    nets = {"before": original, "after": pruned}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {
+            name: ort_session(task.export_onnx(n, Path(tmp) / f"{name}.onnx", size))
+            for name, n in nets.items()
+        }
+        ms = bench(sessions, batch, cfg.optimize.bench_repeats)
+    scores = {name: _test_score(task, n, name, dm) for name, n in nets.items()}
+    result = OptimizeResult(
+        checkpoint_uri=pruned_uri,
+        method="prune",
+        target_macs=cfg.optimize.target_macs,
+        metric=task.metric,
+        epochs=cfg.optimize.epochs,
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        latency_ms_before=ms["before"],
+        latency_ms_after=ms["after"],
+        score_before=scores["before"],
+        score_after=scores["after"],
+        macs_kept=macs_after / macs_before,
+        speedup=ms["before"] / ms["after"],
+        score_drop=(scores["before"] - scores["after"]) * 100,
+        host=host_cpu(),
+    )
+    _log_to_mlflow(cfg, result)
+    save_step(store, cfg.run_id, "optimize", result)
+    log.info(result.markdown().splitlines()[0].replace("**", ""))
+    return result
+
+
+def _fine_tune(cfg, net: nn.Module, spec: dict, dm, store: ArtifactStore) -> str:
+    """Train the pruned network as the train step would, for `optimize.epochs`; store the epoch
+    with the best validation metric as pruned.ckpt and return its URI.
+
+    The module is put together as steps/train.py does. There is no resuming, and the curves
+    are not logged: train's MLflow run has its own `train/loss` and `val/acc`; this step logs
+    its before/after figures instead.
+    """
+    task = spec["task"]
+    options = to_container(cfg.train)
+    options.pop("checkpoint_every_n_steps")  # the Trainer's, not the module's
+    if task == "classification":
+        options["batch_transform"] = build_batch_transform(cfg, task, len(dm.classes))
+    module = MODULES[task](net.train(), spec, to_container(cfg.optim), **options)
+    best = ModelCheckpoint(
+        dirpath=Path(cfg.workdir) / "runs" / cfg.run_id / "optimize", filename="pruned",
+        monitor=module.monitor, mode=module.mode, save_top_k=1, save_weights_only=True,
+        enable_version_counter=False,
+    )  # fmt: skip
+    tuning = OmegaConf.merge(cfg, {"trainer": {"max_epochs": cfg.optimize.epochs}})
+    callbacks = [best, progress_callback(), *build_callbacks(cfg.callbacks)]
+    # A logger that does nothing, for callbacks that insist on one (LearningRateMonitor).
+    trainer = build_trainer(tuning, callbacks, logger=DummyLogger())
+    trainer.fit(module, datamodule=dm)
+    key = f"{checkpoint_prefix(cfg.run_id)}/pruned.ckpt"
+    return store.put_file(Path(best.best_model_path), key)
+
+
+def _test_score(task: Task, net: nn.Module, name: str, dm) -> float:
+    predict = finite_outputs(task.torch_predictor(net), f"the {name} network")
+    return task.evaluate(predict, dm.test_dataloader(), dm.classes)[0].score
+
+
+def _log_to_mlflow(cfg, result: OptimizeResult) -> None:
+    import mlflow
+
+    run_id = tracking.run_for(cfg)
+    client = mlflow.MlflowClient()
+    for f in fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, int | float):
+            client.log_metric(run_id, f"optimize/{f.name}", float(value))
+    client.log_text(run_id, result.markdown(), "optimize/report.md")
