@@ -46,28 +46,36 @@ def tiny_overrides(workdir: Path, *more: str) -> list[str]:
 
 def run_steps(cfg, until: str = "register") -> dict:
     """The run's steps in process, prepare to `until`, each given what the earlier ones
-    returned (as a pipeline passes them); returns {step: result}."""
-    from visionflow.runs import STEPS
+    returned (as a pipeline passes them); optimize only with optimize=prune. Returns
+    {step: result}."""
+    from visionflow.runs import OPTIONAL, STEPS
     from visionflow.steps.evaluate import evaluate
     from visionflow.steps.export import export
+    from visionflow.steps.optimize import optimize
     from visionflow.steps.prepare import prepare
     from visionflow.steps.quantize import quantize
     from visionflow.steps.register import register
     from visionflow.steps.train import train
 
     r: dict = {}
+
+    def model() -> str:
+        return r.get("optimize", r["train"]).checkpoint_uri
+
     calls = {
         "prepare": lambda: prepare(cfg),
         "train": lambda: train(cfg, r["prepare"].dataset_id),
-        "evaluate": lambda: evaluate(cfg, r["prepare"].dataset_id, r["train"].checkpoint_uri),
-        "export": lambda: export(cfg, r["prepare"].dataset_id, r["train"].checkpoint_uri),
+        "optimize": lambda: optimize(cfg, r["prepare"].dataset_id, r["train"].checkpoint_uri),
+        "evaluate": lambda: evaluate(cfg, r["prepare"].dataset_id, model()),
+        "export": lambda: export(cfg, r["prepare"].dataset_id, model()),
         "quantize": lambda: quantize(cfg, r["prepare"].dataset_id, r["export"]),
         "register": lambda: register(
             cfg, r["prepare"].dataset_id, r["evaluate"], r["export"], r["quantize"]
         ),
     }
     for step in STEPS[: STEPS.index(until) + 1]:
-        r[step] = calls[step]()
+        if step not in OPTIONAL or cfg.optimize.method != "none":
+            r[step] = calls[step]()
     return r
 
 

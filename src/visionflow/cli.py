@@ -1,9 +1,9 @@
 """The `visionflow` command.
 
-visionflow <step> [key=value ...]      run one step: prepare, train, evaluate, export,
-                                       quantize, register (Hydra overrides), on what the
-                                       run's earlier steps made
-visionflow train|evaluate|export --dataset ID [--checkpoint URI] [key=value ...]
+visionflow <step> [key=value ...]      run one step: prepare, train, optimize (with
+                                       optimize=prune), evaluate, export, quantize, register
+                                       (Hydra overrides), on what the run's earlier steps made
+visionflow train|optimize|evaluate|export --dataset ID [--checkpoint URI] [key=value ...]
                                        ... or on this dataset (and checkpoint)
 visionflow pipeline run [key=value ...] the whole pipeline on this machine (kfp.local)
 visionflow pipeline run --pipeline batch_inference predict.model=M predict.input=... [...]
@@ -30,7 +30,8 @@ from visionflow.runs import STEPS
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 # The steps that take --dataset, and --checkpoint, in place of what the run's records say.
-TAKE_DATASET, TAKE_CHECKPOINT = ("train", "evaluate", "export"), ("evaluate", "export")
+TAKE_DATASET = ("train", "optimize", "evaluate", "export")
+TAKE_CHECKPOINT = ("optimize", "evaluate", "export")
 MULTIRUN_HELP = "a sweep: one run per combination of key=a,b / choice() / range() / glob()"
 
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--checkpoint",
                 metavar="URI",
-                help="the checkpoint's URI (default: the run's best, from its train step)",
+                help="the checkpoint's URI (default: the run's model: its optimize step's, else "
+                "its train step's best)",
             )
         p.add_argument("overrides", nargs="*", metavar="key=value")
     pipe = sub.add_parser("pipeline", help="run or compile the whole pipeline")

@@ -49,6 +49,27 @@ class TrainResult:
 
 
 @dataclass
+class OptimizeResult:
+    checkpoint_uri: str  # the pruned, fine-tuned checkpoint
+    method: str  # prune
+    target_macs: float  # the share of MACs asked for
+    metric: str  # the task's main test metric (accuracy)
+    epochs: int  # of fine-tuning
+    params_before: int
+    params_after: int
+    macs_before: int  # multiply-accumulates of one image
+    macs_after: int
+    latency_ms_before: float  # median per batch of 64 images, ONNX Runtime fp32 on `host`
+    latency_ms_after: float
+    score_before: float
+    score_after: float
+    macs_kept: float  # macs_after / macs_before
+    speedup: float  # latency_ms_before / latency_ms_after
+    score_drop: float  # points (x100) of the metric lost
+    host: dict[str, str] = field(default_factory=dict)  # the CPU the latencies were measured on
+
+
+@dataclass
 class EvaluateResult:
     task: str
     metric: str  # the main metric: accuracy | map_50 | miou

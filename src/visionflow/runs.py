@@ -17,6 +17,7 @@ from visionflow.host import describe_host
 from visionflow.results import (
     EvaluateResult,
     ExportResult,
+    OptimizeResult,
     PrepareResult,
     QuantizeResult,
     RegisterResult,
@@ -25,7 +26,8 @@ from visionflow.results import (
 )
 from visionflow.storage import ArtifactStore
 
-STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
+STEPS = ("prepare", "train", "optimize", "evaluate", "export", "quantize", "register")
+OPTIONAL = ("optimize",)  # a run has it only when asked (`visionflow optimize optimize=prune`)
 MAX_RECORD_BYTES = 64 << 20  # prepare's holds the dataset's manifest
 
 
@@ -61,10 +63,12 @@ def step_inputs(
     inputs: dict[str, Any] = {
         "dataset_id": dataset_id or load_step(store, run_id, "prepare")["dataset_id"]
     }
-    if step in ("evaluate", "export"):
+    if step == "optimize":
         inputs["checkpoint_uri"] = (
             checkpoint_uri or load_result(store, run_id, "train").checkpoint_uri
         )
+    elif step in ("evaluate", "export"):
+        inputs["checkpoint_uri"] = checkpoint_uri or model_checkpoint(store, run_id)
     elif step == "quantize":
         inputs["exported"] = load_result(store, run_id, "export")
     elif step == "register":
@@ -76,9 +80,17 @@ def step_inputs(
     return inputs
 
 
+def model_checkpoint(store: ArtifactStore, run_id: str) -> str:
+    """The run's model: optimize's checkpoint once the run has one, else train's best."""
+    if store.exists(_key(run_id, "optimize")):
+        return load_result(store, run_id, "optimize").checkpoint_uri
+    return load_result(store, run_id, "train").checkpoint_uri
+
+
 RESULTS = {
     "prepare": PrepareResult,
     "train": TrainResult,
+    "optimize": OptimizeResult,
     "evaluate": EvaluateResult,
     "export": ExportResult,
     "quantize": QuantizeResult,

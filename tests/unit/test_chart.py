@@ -36,7 +36,7 @@ CHART = REPO / "charts" / "visionflow"
 CASES = ["defaults"] + sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))
 RELEASE, NAMESPACE = "visionflow", "ml-team"
 K8S_VERSION = "1.30.0"
-COMPONENTS = ("configure", "prepare", "train", "evaluate", "export", "quantize", "register",
+COMPONENTS = ("configure", "prepare", "train", "optimize", "evaluate", "export", "quantize", "register",
               "predict")  # fmt: skip
 # Every pipeline visionflow compiles, shipped and uploaded by the chart (in this order) under the
 # kfp.upload value and default name beside it.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -33,6 +33,7 @@ from visionflow.compose.training import build_callbacks, build_trainer, progress
 from visionflow.compose.validation import check_optimize
 from visionflow.core.config import ConfigError, to_container
 from visionflow.host import describe_host, host_cpu
+from visionflow.results import OptimizeResult
 from visionflow.runs import save_step
 from visionflow.sessions import ort_session
 from visionflow.steps.evaluate import finite_outputs
@@ -48,46 +49,27 @@ log = logging.getLogger("visionflow.optimize")
 BATCH = 64  # images per timed batch
 
 
-@dataclass
-class OptimizeResult:
-    checkpoint_uri: str  # the pruned, fine-tuned checkpoint
-    method: str  # prune
-    target_macs: float  # the share of MACs asked for
-    metric: str  # the task's main test metric (accuracy)
-    epochs: int  # of fine-tuning
-    params_before: int
-    params_after: int
-    macs_before: int  # multiply-accumulates of one image
-    macs_after: int
-    latency_ms_before: float  # median per batch of BATCH images, ONNX Runtime fp32 on `host`
-    latency_ms_after: float
-    score_before: float
-    score_after: float
-    macs_kept: float  # macs_after / macs_before
-    speedup: float  # latency_ms_before / latency_ms_after
-    score_drop: float  # points (x100) of the metric lost
-    host: dict[str, str] = field(default_factory=dict)  # the CPU the latencies were measured on
-
-    def markdown(self) -> str:
-        rows = [
-            ("parameters", f"{self.params_before:,}", f"{self.params_after:,}"),
-            ("MACs per image", f"{self.macs_before:,}", f"{self.macs_after:,}"),
-            (f"ms per batch of {BATCH} (ONNX Runtime)", f"{self.latency_ms_before:.2f}",
-             f"{self.latency_ms_after:.2f}"),
-            (f"test {self.metric}", f"{self.score_before:.4f}", f"{self.score_after:.4f}"),
-        ]  # fmt: skip
-        return "\n".join(
-            [
-                f"**Pruned to {self.macs_kept:.1%} of the MACs** (target {self.target_macs:.0%}) "
-                f"and fine-tuned ({self.epochs} epochs): {self.speedup:.2f}x faster at batch "
-                f"{BATCH} on {describe_host(self.host)}, {self.score_drop:.2f} points of "
-                f"{self.metric} lost.",
-                "",
-                "| | before | after |",
-                "|---|---|---|",
-                *(f"| {name} | {before} | {after} |" for name, before, after in rows),
-            ]
-        )
+def report_markdown(r: OptimizeResult) -> str:
+    """Before and after, as Markdown (MLflow's optimize/report.md, the KFP report)."""
+    rows = [
+        ("parameters", f"{r.params_before:,}", f"{r.params_after:,}"),
+        ("MACs per image", f"{r.macs_before:,}", f"{r.macs_after:,}"),
+        (f"ms per batch of {BATCH} (ONNX Runtime)", f"{r.latency_ms_before:.2f}",
+         f"{r.latency_ms_after:.2f}"),
+        (f"test {r.metric}", f"{r.score_before:.4f}", f"{r.score_after:.4f}"),
+    ]  # fmt: skip
+    return "\n".join(
+        [
+            f"**Pruned to {r.macs_kept:.1%} of the MACs** (target {r.target_macs:.0%}) "
+            f"and fine-tuned ({r.epochs} epochs): {r.speedup:.2f}x faster at batch "
+            f"{BATCH} on {describe_host(r.host)}, {r.score_drop:.2f} points of "
+            f"{r.metric} lost.",
+            "",
+            "| | before | after |",
+            "|---|---|---|",
+            *(f"| {name} | {before} | {after} |" for name, before, after in rows),
+        ]
+    )
 
 
 def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult:
@@ -99,7 +81,7 @@ def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult:
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
     original, spec = load_network(checkpoint_uri, cfg.storage.endpoint)
     task = get_task(spec["task"])
-    dm = build_datamodule(cfg, store, dataset_id)
+    dm = build_datamodule(cfg, store, dataset_id, task.name)
     size = spec["image_size"]
 
     net = copy.deepcopy(original)
@@ -144,7 +126,7 @@ def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult:
     )
     _log_to_mlflow(cfg, result)
     save_step(store, cfg.run_id, "optimize", result)
-    log.info(result.markdown().splitlines()[0].replace("**", ""))
+    log.info(report_markdown(result).splitlines()[0].replace("**", ""))
     return result
 
 
@@ -190,4 +172,4 @@ def _log_to_mlflow(cfg, result: OptimizeResult) -> None:
         value = getattr(result, f.name)
         if isinstance(value, int | float):
             client.log_metric(run_id, f"optimize/{f.name}", float(value))
-    client.log_text(run_id, result.markdown(), "optimize/report.md")
+    client.log_text(run_id, report_markdown(result), "optimize/report.md")
