@@ -199,6 +199,23 @@ def test_namespace_is_left_to_the_launcher_unless_configured():
     assert _job("cluster.namespace=team-a")["metadata"]["namespace"] == "team-a"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "threads"),
+    [
+        (["cluster.cpu=500m"], "1"),
+        (["cluster.cpu=6"], "6"),
+        (["cluster.cpu=16", "cluster.gpus_per_node=4"], "4"),
+    ],  # fmt: skip
+)
+def test_each_training_process_gets_its_share_of_the_pods_cpu_as_threads(overrides, threads):
+    job = _job("cluster.nodes=2", *overrides)
+    for role in ("Master", "Worker"):
+        env = {e["name"]: e.get("value") for e in _container(job, role)["env"]}
+        assert env["OMP_NUM_THREADS"] == threads
+    with pytest.raises(ConfigError, match="cluster.cpu is not a Kubernetes quantity: 'lots'"):
+        _job("cluster.cpu=lots")
+
+
 def test_site_config_map_is_mounted_where_the_steps_have_it():
     job = _job("cluster.site_config_map=visionflow-config")
     validate_job(job)

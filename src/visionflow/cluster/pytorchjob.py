@@ -161,12 +161,29 @@ def train_command(
     ]
 
 
+def threads_per_process(cpu: str, processes: int) -> int:
+    """torch's threads for each of a pod's training processes: their share of its CPU (at least
+    one). Unset, torch starts one per core of the node, not of the pod's limit, and threads
+    beyond the CPU the pod may use wait for each other in every parallel region."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    try:
+        cores = parse_quantity(cpu)
+    except (ValueError, TypeError, ArithmeticError):
+        raise ConfigError(
+            f"cluster.cpu is not a Kubernetes quantity: {cpu!r} (e.g. 4, 500m)"
+        ) from None
+    return max(1, int(cores) // processes)
+
+
 def _env(cfg) -> list[dict[str, Any]]:
     c = cfg.cluster
+    threads = threads_per_process(str(c.cpu), max(c.gpus_per_node, 1))
     env: list[dict[str, Any]] = [
         {"name": "VISIONFLOW_HOME", "value": WORKDIR},
         {"name": "HOME", "value": WORKDIR},  # caches (matplotlib, torch) under a writable mount
         {"name": "MLFLOW_TRACKING_URI", "value": cfg.tracking.uri},
+        {"name": "OMP_NUM_THREADS", "value": str(threads)},
     ]
     if cfg.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": cfg.storage.endpoint})
