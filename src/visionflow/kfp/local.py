@@ -52,6 +52,12 @@ def run_local(overrides: list[str], pipeline: str = "training") -> tuple[dict[st
         from visionflow.steps.predict import check_config
 
         check_config(cfg)
+    elif cfg.optimize.method != "none":
+        raise ConfigError(
+            f"optimize={cfg.optimize.method}: the training pipeline has no optimize step yet; "
+            "run the steps one by one (visionflow prepare, train, optimize, evaluate, export, "
+            "quantize, register) or use components/optimize.yaml in a pipeline of your own"
+        )
     from kfp import local
 
     from visionflow.kfp.compile import pipeline_function
