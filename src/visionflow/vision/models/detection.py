@@ -27,7 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from visionflow.core.config import ConfigError
 from visionflow.core.registry import MODELS
-from visionflow.vision.models.classification import faster_batchnorm
+from visionflow.vision.models.classification import faster_batchnorm, plain_features
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -45,19 +45,25 @@ def detection_model(name: str):
 def mobilenet_fpn(
     variant: str, strides: list[int], channels: int, pretrained: bool
 ) -> BackboneWithFPN:
-    """mobilenet_v3 `features` with an FPN over the last block of each stride in `strides`.
+    """mobilenet_v3 `features` (or, for `tiny`, five plain VGG-style stages of 16 to 256
+    channels, strides 2-32) with an FPN over the last block of each stride in `strides`.
 
     The FPN adds one max-pooled level on top, so it outputs len(strides) + 1 maps.
     """
-    if variant not in ("large", "small"):
-        raise ConfigError(f"model.backbone must be 'large' or 'small', got {variant!r}")
-    weights = "DEFAULT" if pretrained else None
-    norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d  # torchvision's convention
-    features = getattr(torchvision.models, f"mobilenet_v3_{variant}")(
-        weights=weights, norm_layer=norm
-    ).features
-    if not pretrained:
-        faster_batchnorm(features)
+    if variant not in ("large", "small", "tiny"):
+        raise ConfigError(f"model.backbone must be 'large', 'small' or 'tiny', got {variant!r}")
+    if variant == "tiny":
+        if pretrained:
+            raise ConfigError("model.backbone=tiny has no pretrained weights")
+        features = plain_features(16, stages=5)
+    else:
+        weights = "DEFAULT" if pretrained else None
+        norm = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d  # torchvision's convention
+        features = getattr(torchvision.models, f"mobilenet_v3_{variant}")(
+            weights=weights, norm_layer=norm
+        ).features
+        if not pretrained:
+            faster_batchnorm(features)
     # Each block's stride and width, from one small forward pass.
     found: dict[int, tuple[int, int]] = {}  # stride -> (last block index, channels)
     x = torch.zeros(1, 3, 64, 64)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models import segmentation as tvseg
+from torchvision.models.segmentation.lraspp import LRASPP
 
+from visionflow.core.config import ConfigError
 from visionflow.core.registry import MODELS
 from visionflow.vision.models.classification import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     faster_batchnorm,
+    plain_features,
 )
 
 
@@ -54,9 +57,35 @@ def _build(builder, num_classes: int, pretrained_backbone: bool, **kwargs) -> nn
 
 
 @segmentation_model("lraspp_mobilenet_v3")
-def lraspp_mobilenet_v3(num_classes: int, pretrained_backbone: bool = False) -> nn.Module:
-    """LR-ASPP on mobilenet_v3_large: the fastest of the three (stride 8 and 16 features)."""
-    return _build(tvseg.lraspp_mobilenet_v3_large, num_classes, pretrained_backbone)
+def lraspp_mobilenet_v3(
+    num_classes: int, pretrained_backbone: bool = False, backbone: str = "large"
+) -> nn.Module:
+    """LR-ASPP on mobilenet_v3_large: the fastest of the three (stride 8 and 16 features).
+
+    `backbone=tiny` puts the head on four plain VGG-style stages of 16 to 128 channels instead
+    (stride 4 and 16 features), which learn the shapes from scratch in a CPU minute.
+    """
+    if backbone == "large":
+        return _build(tvseg.lraspp_mobilenet_v3_large, num_classes, pretrained_backbone)
+    if backbone != "tiny":
+        raise ConfigError(f"model.backbone must be 'large' or 'tiny', got {backbone!r}")
+    if pretrained_backbone:
+        raise ConfigError("model.backbone=tiny has no pretrained weights")
+    return SegmentationNet(LRASPP(_LowHigh(), 32, 128, num_classes + 1, inter_channels=64))
+
+
+class _LowHigh(nn.Module):
+    """LR-ASPP's backbone for `tiny`: the stride-4 (`low`) and stride-16 (`high`) features of
+    four plain stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        stages = plain_features(16, stages=4)
+        self.low, self.high = stages[:2], stages[2:]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        low = self.low(x)
+        return {"low": low, "high": self.high(low)}
 
 
 @segmentation_model("deeplabv3_mobilenet_v3")
