@@ -72,7 +72,7 @@ class EpochMean(Metric):
     def __init__(self) -> None:
         super().__init__()
         self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")  # exact at any precision
 
     def update(self, value: torch.Tensor, batch_size: int) -> None:
         self.total += value.detach() * batch_size
