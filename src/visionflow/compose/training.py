@@ -45,10 +45,16 @@ def build_callbacks(callbacks_cfg: Any) -> list[pl.Callback]:
     return out
 
 
+BAR_REFRESH_STEPS = 10  # the step loss it shows changes every trainer.log_every_n_steps (10)
+
+
 def progress_callback() -> pl.Callback:
-    """A live bar on a terminal; plain log lines when output goes to a file or a pod log."""
+    """A live bar on a terminal; plain log lines when output goes to a file or a pod log.
+
+    The bar redraws every BAR_REFRESH_STEPS steps, not every step (Lightning's default): each
+    redraw writes to the terminal, which a small network's step notices."""
     if sys.stderr.isatty():
-        return TQDMProgressBar()
+        return TQDMProgressBar(refresh_rate=BAR_REFRESH_STEPS)
     return CALLBACKS.get("plain_progress")()
 
 
