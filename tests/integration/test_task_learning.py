@@ -31,10 +31,10 @@ LEARNS = {
 
 def _untrained_score(cfg, dataset_id: str) -> float:
     """The test score of the network as built, before any training step."""
-    dm = build_datamodule(cfg, open_store(cfg.storage.root), dataset_id)
+    task = get_task(task_of(cfg))
+    dm = build_datamodule(cfg, open_store(cfg.storage.root), dataset_id, task.name)
     pl.seed_everything(cfg.seed, verbose=False)
     net = build_model(cfg.model, num_classes=len(dm.classes), image_size=dm.image_size).eval()
-    task = get_task(task_of(cfg))
     scores, _ = task.evaluate(task.torch_predictor(net), dm.test_dataloader(), dm.classes)
     return scores.score
 
