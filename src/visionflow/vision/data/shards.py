@@ -230,7 +230,8 @@ def decode_pixels(data: bytes) -> torch.Tensor:
     JPEG files go to libjpeg-turbo directly (torchvision.io), without PIL's per-image overhead,
     which dominates for small images (a 32 px CIFAR image decodes 3-4x faster); it gives the same
     pixels as PIL, EXIF orientation, greyscale and CMYK included (tests/unit/test_loader.py).
-    Other formats take `decode_image`'s path.
+    Other formats take `decode_image`'s path. The JPEG path checks no pixel cap: a shard holds
+    only images prepare decoded under it, and its hash is verified before it is read.
     """
     if data.startswith(_JPEG):
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
