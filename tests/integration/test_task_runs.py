@@ -3,7 +3,6 @@ registered models and the service follow the task."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import tarfile
 
@@ -11,11 +10,11 @@ import mlflow
 import numpy as np
 import pytest
 
+from tests.conftest import run_steps
 from visionflow.storage import open_store, split_uri
 
 pytestmark = pytest.mark.slow
 
-STEPS = ("prepare", "train", "evaluate", "export", "quantize", "register")
 # What each task does through the steps, not how well it learns: one epoch on 200 images.
 SMALL = {
     "detection": ["experiment=shapes_detection", "data.num_samples=200"],
@@ -40,11 +39,7 @@ def task_run(request, tmp_path_factory):
          "evaluate.min_score=0", "quantize.bench_repeats=2", "quantize.max_accuracy_drop=100",
          "quantize.calibration_samples=32"]
     )  # fmt: skip
-    results = {
-        name: getattr(importlib.import_module(f"visionflow.steps.{name}"), name)(cfg)
-        for name in STEPS
-    }
-    return task, cfg, results
+    return task, cfg, run_steps(cfg)
 
 
 def test_shards_carry_boxes_and_class_masks(task_run, tmp_path):
