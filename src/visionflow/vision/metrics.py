@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -57,29 +57,6 @@ def segmentation_metrics(num_classes: int) -> MetricCollection:
         num_classes, average=None, ignore_index=IGNORE_INDEX, zero_division=float("nan")
     )
     return MetricCollection({"iou": iou, "pixel_acc": accuracy(num_classes, IGNORE_INDEX)})
-
-
-class EpochMean(Metric):
-    """The mean of per-batch values weighted by batch size, over an epoch: a split's loss, or its
-    accuracy over the epoch's images from each batch's accuracy.
-
-    It adds up on the values' device, so a training step never waits for the device to report
-    a number; torchmetrics sums it over processes when it is computed (once, at the epoch's end).
-    """
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")  # exact at any precision
-
-    def update(self, value: torch.Tensor, batch_size: int) -> None:
-        self.total += value.detach() * batch_size
-        self.count += batch_size
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count
 
 
 def mean_iou(iou: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,6 @@
 `VisionModule` holds what every task shares: the optimizer and schedule from `optim`, how the
 network runs (`train.*`: channels_last, torch.compile, gradient checkpointing) and the `spec`
 that travels inside every checkpoint so that later steps can rebuild the network from it alone.
-
-What a step logs costs the step nothing it can notice: the epoch means (`<split>/loss`, ...)
-add up on the device (`EpochMean`) and are computed once, when the epoch ends, and the training
-loss of single steps (`train/loss_step`) is logged only on the steps the Trainer sends to its
-loggers (`trainer.log_every_n_steps`). A step that calls `self.log` pays Python time each
-call, and on a GPU a wait for the device for each value logged per step (the progress bar
-reads it): a small network's step notices both, and a plain PyTorch loop pays neither.
 """
 
 from __future__ import annotations
@@ -22,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from visionflow.core.config import ConfigError
-from visionflow.vision.metrics import IGNORE_INDEX, EpochMean, mean_iou, segmentation_metrics
+from visionflow.vision.metrics import IGNORE_INDEX, mean_iou, segmentation_metrics
 from visionflow.vision.models.checkpointing import enable_gradient_checkpointing
 
 
@@ -37,9 +31,6 @@ class VisionModule(pl.LightningModule):
 
     monitor = "val/loss"  # the validation metric that picks best.ckpt
     mode = "min"
-    # The means over an epoch each split logs, as `<split>/<name>` (training's loss as
-    # `train/loss_epoch`, the name Lightning gives a value also logged per step).
-    epoch_means: dict[str, tuple[str, ...]] = {s: ("loss",) for s in ("train", "val", "test")}
 
     def __init__(
         self,
@@ -60,13 +51,6 @@ class VisionModule(pl.LightningModule):
         self.spec = spec
         self.optim = optim
         self.input_size: int | None = None  # set by ProgressiveResizing: train at this size
-        self.means = nn.ModuleDict(
-            {
-                f"{split}_{name}": EpochMean()
-                for split, names in self.epoch_means.items()
-                for name in names
-            }
-        )  # keys "<split>_<name>"
 
     def setup(self, stage: str) -> None:
         """A network with a data-dependent initialisation (`init_from_data(images)`, such as
@@ -142,13 +126,11 @@ class VisionModule(pl.LightningModule):
                 state.pop(key, None)
 
     def _step(self, batch, split: str) -> torch.Tensor:
-        """The loss of one batch of `split`, adding what the task measures to `means`."""
+        """The loss of one batch of `split`, logging what the task measures."""
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        self._log_step_loss(loss)
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -156,39 +138,12 @@ class VisionModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _track(self, split: str, name: str, value: torch.Tensor, batch_size: int) -> None:
-        """Add a batch's `value` to the epoch's mean of `<split>/<name>`."""
-        self.means[f"{split}_{name}"].update(value, batch_size)
-
-    def _log_step_loss(self, loss: torch.Tensor) -> None:
-        """`train/loss_step`, the mean over processes, on the steps whose values the Trainer
-        sends to its loggers (every `trainer.log_every_n_steps`, counted as Lightning counts
-        them) and on no other. It is logged as a CPU copy: the progress bar reads it on every
-        step, which would otherwise wait for the device each time."""
-        trainer = self.trainer
-        every = trainer.log_every_n_steps
-        if every == 0 or ((self.global_step + 1) % every and not trainer.should_stop):
-            return
-        loss = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
-        self.log("train/loss_step", loss.cpu(), on_step=True, on_epoch=False, prog_bar=True)
-
-    def on_train_epoch_start(self) -> None:
-        self._log_epoch_means("train")
-
-    def on_validation_epoch_start(self) -> None:
-        self._log_epoch_means("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._log_epoch_means("test")
-
-    def _log_epoch_means(self, split: str) -> None:
-        """Hand `split`'s means to Lightning as the epoch starts. Lightning computes each once,
-        when the epoch ends (before the progress display, the checkpoints and the loggers read
-        it), and resets it for the next epoch."""
-        for name in self.epoch_means.get(split, ()):
-            key = "train/loss_epoch" if (split, name) == ("train", "loss") else f"{split}/{name}"
-            mean = self.means[f"{split}_{name}"]
-            self.log(key, mean, on_step=False, on_epoch=True, prog_bar=True)
+    def _log(self, split: str, name: str, value, batch_size: int, on_step=False, bar=True) -> None:
+        """`batch_size` weights the epoch mean (Lightning cannot infer it from list batches)."""
+        self.log(
+            f"{split}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=bar,
+            sync_dist=True, batch_size=batch_size,
+        )  # fmt: skip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -207,15 +162,14 @@ class VisionModule(pl.LightningModule):
 
 class ClassificationModule(VisionModule):
     """Cross-entropy training of any registered classifier, with accuracy on every split
-    (the share of a batch's images whose top class is right, which the epoch's batch-size-weighted
-    mean makes the accuracy over the epoch's images, as evaluation measures it: vision/metrics.py).
+    (torchmetrics' micro accuracy per batch, which the epoch's batch-size-weighted mean makes
+    the accuracy over the epoch's images, as evaluation measures it: vision/metrics.py).
 
     `batch_transform` (MixUp/CutMix, from `transforms.batch`) mixes training batches on the
     device; the labels become soft targets and training accuracy is against their argmax.
     """
 
     monitor, mode = "val/acc", "max"
-    epoch_means = {split: ("loss", "acc") for split in ("train", "val", "test")}
 
     def __init__(self, *args, batch_transform=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -232,10 +186,10 @@ class ClassificationModule(VisionModule):
         smoothing = self.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         hard = labels.argmax(1) if labels.ndim == 2 else labels
-        # micro accuracy (metrics.accuracy's), without torchmetrics' checks and bookkeeping
-        acc = (logits.argmax(1) == hard).float().mean()
-        self._track(split, "loss", loss, len(images))
-        self._track(split, "acc", acc, len(images))
+        # validate_args=False: checking the labels' range would wait for the device every step
+        acc = multiclass_accuracy(logits, hard, logits.shape[1], "micro", validate_args=False)
+        self._log(split, "loss", loss, len(images), on_step=split == "train")
+        self._log(split, "acc", acc, len(images))
         return loss
 
 
@@ -249,7 +203,6 @@ class DetectionModule(VisionModule):
     """
 
     monitor, mode = "val/map", "max"
-    epoch_means = {"train": ("loss",)}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -266,13 +219,9 @@ class DetectionModule(VisionModule):
             images, targets = _rescale_detection(images, targets, self.input_size)
         losses = self.net(list(images), list(targets))
         loss = sum(losses.values())
-        self._track("train", "loss", loss, len(images))
-        self._log_step_loss(loss)
-        for name, value in losses.items():  # named by the detector: logged as Lightning does
-            self.log(
-                f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True,
-                batch_size=len(images),
-            )  # fmt: skip
+        self._log("train", "loss", loss, len(images), on_step=True)
+        for name, value in losses.items():
+            self._log("train", name, value, len(images), bar=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -321,7 +270,7 @@ class SegmentationModule(VisionModule):
             images, masks = self._resized(images, masks)
         logits = self(images)
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-        self._track(split, "loss", loss, len(images))
+        self._log(split, "loss", loss, len(images), on_step=split == "train")
         if split != "train":
             self.metrics[split].update(logits.argmax(1), masks)
         return loss
