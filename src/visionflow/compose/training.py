@@ -16,8 +16,21 @@ from omegaconf import DictConfig
 
 import visionflow.callbacks  # noqa: F401  (fills the CALLBACKS registry)
 from visionflow.compose import plain
-from visionflow.core.config import ConfigError
+from visionflow.compose.data import build_batch_transform
+from visionflow.core.config import ConfigError, to_container
 from visionflow.core.registry import CALLBACKS, UnknownNameError
+from visionflow.vision.modules import MODULES
+
+
+def build_module(cfg: DictConfig, net, spec: dict[str, Any]) -> pl.LightningModule:
+    """The task's LightningModule (the spec's task) around `net`, with `optim` and the `train.*`
+    options; classification gets the batch transform (MixUp/CutMix) of `transforms.batch`."""
+    task = spec["task"]
+    options = to_container(cfg.train)
+    options.pop("checkpoint_every_n_steps")  # the Trainer's, not the module's
+    if task == "classification":
+        options["batch_transform"] = build_batch_transform(cfg, task, len(spec["classes"]))
+    return MODULES[task](net, spec, to_container(cfg.optim), **options)
 
 
 def build_callbacks(callbacks_cfg: Any) -> list[pl.Callback]:

@@ -27,11 +27,16 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from visionflow import tracking
-from visionflow.compose.data import build_batch_transform, build_datamodule
+from visionflow.compose.data import build_datamodule
 from visionflow.compose.models import load_network
-from visionflow.compose.training import build_callbacks, build_trainer, progress_callback
+from visionflow.compose.training import (
+    build_callbacks,
+    build_module,
+    build_trainer,
+    progress_callback,
+)
 from visionflow.compose.validation import check_optimize
-from visionflow.core.config import ConfigError, to_container
+from visionflow.core.config import ConfigError
 from visionflow.host import describe_host, host_cpu
 from visionflow.results import OptimizeResult
 from visionflow.runs import save_step
@@ -40,7 +45,6 @@ from visionflow.steps.evaluate import finite_outputs
 from visionflow.steps.train import checkpoint_prefix
 from visionflow.storage import ArtifactStore, open_store
 from visionflow.vision.inference import bench
-from visionflow.vision.modules import MODULES
 from visionflow.vision.pruning import macs_and_params, output_layers, prune_to_macs
 from visionflow.vision.tasks import Task, get_task
 
@@ -134,16 +138,10 @@ def _fine_tune(cfg, net: nn.Module, spec: dict, dm, store: ArtifactStore) -> str
     """Train the pruned network as the train step would, for `optimize.epochs`; store the epoch
     with the best validation metric as pruned.ckpt and return its URI.
 
-    The module is put together as steps/train.py does. There is no resuming, and the curves
-    are not logged: train's MLflow run has its own `train/loss` and `val/acc`; this step logs
-    its before/after figures instead.
+    There is no resuming, and the curves are not logged: train's MLflow run has its own
+    `train/loss` and `val/acc`; this step logs its before/after figures instead.
     """
-    task = spec["task"]
-    options = to_container(cfg.train)
-    options.pop("checkpoint_every_n_steps")  # the Trainer's, not the module's
-    if task == "classification":
-        options["batch_transform"] = build_batch_transform(cfg, task, len(dm.classes))
-    module = MODULES[task](net.train(), spec, to_container(cfg.optim), **options)
+    module = build_module(cfg, net.train(), spec)
     best = ModelCheckpoint(
         dirpath=Path(cfg.workdir) / "runs" / cfg.run_id / "optimize", filename="pruned",
         monitor=module.monitor, mode=module.mode, save_top_k=1, save_weights_only=True,

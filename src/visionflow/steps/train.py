@@ -32,15 +32,19 @@ from visionflow.callbacks.checkpointing import (
     step_checkpoints,
 )
 from visionflow.cluster.training import train_on_cluster, use_pytorchjob
-from visionflow.compose.data import build_batch_transform, build_datamodule
+from visionflow.compose.data import build_datamodule
 from visionflow.compose.models import build_model, task_of
-from visionflow.compose.training import build_callbacks, build_trainer, progress_callback
+from visionflow.compose.training import (
+    build_callbacks,
+    build_module,
+    build_trainer,
+    progress_callback,
+)
 from visionflow.core.config import flatten, to_container
 from visionflow.core.contracts import check_classifier, check_datamodule
 from visionflow.results import TrainResult
 from visionflow.runs import save_step
 from visionflow.storage import ArtifactStore, ChecksumError, StorageError, open_store
-from visionflow.vision.modules import MODULES
 
 log = logging.getLogger("visionflow.train")
 
@@ -67,12 +71,7 @@ def train(cfg, dataset_id: str) -> TrainResult:
         "dataset_id": dataset_id,
         "run_id": cfg.run_id,
     }
-    module_class = MODULES[task]
-    options = to_container(cfg.train)
-    every_n_steps = options.pop("checkpoint_every_n_steps")  # the Trainer's, not the module's
-    if task == "classification":
-        options["batch_transform"] = build_batch_transform(cfg, task, len(dm.classes))
-    module = module_class(net, spec, to_container(cfg.optim), **options)
+    module = build_module(cfg, net, spec)
 
     prefix = checkpoint_prefix(cfg.run_id)
     local_dir = Path(cfg.workdir) / "runs" / cfg.run_id / "checkpoints"
@@ -110,7 +109,7 @@ def train(cfg, dataset_id: str) -> TrainResult:
     latest = ModelCheckpoint(
         dirpath=local_dir, filename="last", save_top_k=1, enable_version_counter=False
     )
-    callbacks = [checkpoint, latest, *step_checkpoints(local_dir, every_n_steps),
+    callbacks = [checkpoint, latest, *step_checkpoints(local_dir, cfg.train.checkpoint_every_n_steps),
                  progress_callback(), *build_callbacks(cfg.callbacks)]  # fmt: skip
     trainer = build_trainer(cfg, callbacks, logger, plugins=[StoreCheckpointIO(store, prefix)])
     if mlflow_run_id:
