@@ -6,11 +6,22 @@ runs it: the config's Trainer arguments (`log_every_n_steps`, ...), the module's
 options, the progress display and the config's callbacks, with a logger that sends nothing.
 Checkpoints are left out (they write files, which is not the step's cost).
 
-Runs alternate, in short rounds, the first of each pair taking turns, so that a machine loaded by
-others slows both alike; the ratio is the median over rounds of ours/plain in each round (1.0 =
-no overhead). On a CPU shared with other work, `--clock cpu --threads 1` times the CPU seconds
-this process spends instead of wall-clock ones, which the others' load leaves out. Without `--model` it measures the table of the device at hand: on a CPU
-simple_cnn and resnet18 at 32 px (resnet50 at 224 px takes minutes a step there: GPU only).
+The first step is timed apart: ours counts the model's FLOPs there for its telemetry, once per
+fit (and again if the image size changes). The ratio compares the steady state, every later
+step, where a step's overhead shows (1.0 = no overhead); it is the median over rounds.
+
+How the two take turns depends on the device:
+- CPU, step by step: after each of ours, a callback runs one plain step, each timed on its own.
+  Steps next to each other see the same machine: a shared CPU's speed drifts by a fifth over
+  seconds, more than the overhead measured. A CPU runs each operation to its end, so nothing
+  that the plain loop would overlap is lost.
+- GPU, a whole run at a time, the first of each pair taking turns: the device runs queued work
+  while the host prepares the next step, which waiting after each step would undo.
+
+Without `--model` it measures the table of the device at hand: on a CPU simple_cnn and resnet18
+at 32 px (resnet50 at 224 px takes minutes a step there: GPU only), and simple_cnn at 16 px with
+8 images a batch, a step so short that the host's own work per step shows, as it does in front
+of a fast GPU.
 """
 
 from __future__ import annotations
@@ -37,18 +48,11 @@ from visionflow.vision.modules import ClassificationModule
 
 # (model, image size, batch size, steps per round, rounds) measured without --model
 TABLES = {
-    "cpu": [("simple_cnn", 32, 128, 4, 7), ("resnet18", 32, 32, 2, 3)],
+    "cpu": [("simple_cnn", 32, 128, 30, 5), ("resnet18", 32, 32, 12, 5),
+            ("simple_cnn", 16, 8, 150, 3)],
     "cuda": [("simple_cnn", 32, 512, 100, 5), ("resnet18", 32, 512, 100, 5),
              ("resnet50", 224, 256, 30, 3)],
 }  # fmt: skip
-
-
-def clock() -> float:
-    """Wall-clock seconds; this process's CPU seconds with `--clock cpu`."""
-    return CLOCK()
-
-
-CLOCK = time.perf_counter
 
 
 def _sync() -> None:
@@ -56,58 +60,91 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def plain_loop(net, batches, optim_cfg, precision: str) -> float:
-    opt = instantiate(optim_cfg["optimizer"], params=net.parameters())
-    sched = instantiate(optim_cfg["scheduler"])(opt, total_steps=max(len(batches), 8))  # as ours
-    device = batches[0][0].device.type
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    net.train()
-    _sync()
-    start = clock()
-    for x, y in batches:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = F.cross_entropy(net(x), y)
+class Plain:
+    """The plain PyTorch loop, one step at a time."""
+
+    def __init__(self, net, optim_cfg, precision: str, steps: int) -> None:
+        self.net = net.train()
+        self.opt = instantiate(optim_cfg["optimizer"], params=net.parameters())
+        # the schedule's length as ours sets it (vision/modules.py)
+        self.sched = instantiate(optim_cfg["scheduler"])(self.opt, total_steps=max(steps, 8))
+        device = next(net.parameters()).device.type
+        self.autocast = torch.autocast(
+            device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"
+        )
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = F.cross_entropy(self.net(x), y)
         loss.backward()
-        opt.step()
-        sched.step()
-    _sync()
-    return clock() - start
+        self.opt.step()
+        self.sched.step()
 
 
-class Timer(pl.Callback):
-    """Times the training batches only, as the plain loop is timed (no set-up or teardown)."""
+class Clock(pl.Callback):
+    """Ours' step times, each from the end of the step before (or the epoch's start) to the end
+    of this one; the last callback, so that the others' work on each batch counts. With `plain`
+    (step by step), one plain step runs after each of ours, timed apart and left out of ours."""
+
+    def __init__(self, plain: Plain | None = None, batches=None) -> None:
+        self.plain, self.batches = plain, batches
+        self.ours: list[float] = []
+        self.plain_steps: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         _sync()
-        self.start = clock()
+        self._mark = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         _sync()
-        self.seconds = clock() - self.start
+        now = time.perf_counter()
+        self.ours.append(now - self._mark)
+        if self.plain is not None:
+            self.plain.step(*self.batches[batch_idx])
+            _sync()
+            self._mark = time.perf_counter()
+            self.plain_steps.append(self._mark - now)
+        else:
+            self._mark = now
 
 
-def lightning_loop(net, batches, cfg, device: str, precision: str, channels_last: bool) -> float:
+def plain_run(plain: Plain, batches) -> list[float]:
+    """The plain loop's step times, waiting for the device after each."""
+    times = []
+    _sync()
+    mark = time.perf_counter()
+    for x, y in batches:
+        plain.step(x, y)
+        _sync()
+        now = time.perf_counter()
+        times.append(now - mark)
+        mark = now
+    return times
+
+
+def fit_ours(net, batches, cfg, device: str, precision: str, channels_last: bool, timer: Clock):
     options = to_container(cfg.train)
     options.pop("checkpoint_every_n_steps")  # the Trainer's (checkpoints are left out)
     options["channels_last"] = channels_last
     module = ClassificationModule(net, spec={}, optim=to_container(cfg.optim), **options)
-    timer = Timer()
     args = {k: v for k, v in plain(cfg.trainer).items() if v is not None}
     args.update(accelerator=device, devices=1, strategy="auto", max_epochs=1, precision=precision,
                 limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
     trainer = pl.Trainer(
         **args, logger=DummyLogger(), enable_checkpointing=False, enable_model_summary=False,
-        callbacks=[timer, progress_callback(), *build_callbacks(cfg.callbacks)],
+        callbacks=[progress_callback(), *build_callbacks(cfg.callbacks), timer],
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
-    return timer.seconds
 
 
 def measure(model: str, image_size: int, batch_size: int, steps: int, rounds: int,
             precision: str, channels_last: bool) -> dict[str, float]:  # fmt: skip
-    """Images/second of each (the median over rounds) and the median of the rounds' ratios."""
+    """Images/second of each after the first step and the first step's milliseconds (medians
+    over rounds), and the median of the rounds' ratios."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if steps < 2:
+        raise SystemExit("--steps: at least 2 (the first step is timed apart)")
     cfg = load_config([f"model={model}", f"trainer.precision={precision}"])
     optim_cfg = to_container(cfg.optim)
     torch.manual_seed(0)
@@ -120,25 +157,41 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, rounds: in
         for _ in range(steps)
     ]  # fmt: skip
     batches = [(x.to(device, memory_format=fmt), y.to(device)) for x, y in batches]
-    runs = {
-        "plain": lambda: plain_loop(copy.deepcopy(net0), batches, optim_cfg, precision),
-        "ours": lambda: lightning_loop(
-            copy.deepcopy(net0), batches, cfg, device, precision, channels_last
-        ),
-    }
-    for run in runs.values():  # warm-up: allocator, kernels' choice, Lightning's first fit
-        run()
-    times: dict[str, list[float]] = {"plain": [], "ours": []}
+
+    def new_plain() -> Plain:
+        return Plain(copy.deepcopy(net0), optim_cfg, precision, steps)
+
+    def ours(timer: Clock) -> list[float]:
+        fit_ours(copy.deepcopy(net0), batches, cfg, device, precision, channels_last, timer)
+        return timer.ours
+
+    def step_by_step() -> dict[str, list[float]]:
+        timer = Clock(new_plain(), batches)
+        return {"ours": ours(timer), "plain": timer.plain_steps}
+
+    def run_by_run(r: int) -> dict[str, list[float]]:
+        runs = {"plain": lambda: plain_run(new_plain(), batches), "ours": lambda: ours(Clock())}
+        order = ("plain", "ours") if r % 2 == 0 else ("ours", "plain")
+        return {name: runs[name]() for name in order}
+
+    one_round = run_by_run if device == "cuda" else lambda r: step_by_step()
+    one_round(1)  # warm-up: allocator, kernels' choice, Lightning's first fit
+    first: dict[str, list[float]] = {"plain": [], "ours": []}
+    rest: dict[str, list[float]] = {"plain": [], "ours": []}
     for r in range(rounds):
-        for name in ("plain", "ours") if r % 2 == 0 else ("ours", "plain"):
-            times[name].append(runs[name]())
-    images = steps * batch_size
+        for name, times in one_round(r).items():
+            first[name].append(times[0])
+            rest[name].append(sum(times[1:]))
+    images = (steps - 1) * batch_size
+    ratios = [p / o for p, o in zip(rest["plain"], rest["ours"], strict=True)]
     return {
-        "plain": images / statistics.median(times["plain"]),
-        "ours": images / statistics.median(times["ours"]),
-        "ratio": statistics.median(
-            p / o for p, o in zip(times["plain"], times["ours"], strict=True)
-        ),
+        "plain": images / statistics.median(rest["plain"]),
+        "ours": images / statistics.median(rest["ours"]),
+        "ratio": statistics.median(ratios),
+        "low": min(ratios),
+        "high": max(ratios),
+        "plain_first_ms": 1000 * statistics.median(first["plain"]),
+        "ours_first_ms": 1000 * statistics.median(first["ours"]),
     }
 
 
@@ -148,15 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="steps per round")
-    p.add_argument("--repeats", type=int, default=5, help="rounds of ours and plain")
+    p.add_argument("--repeats", type=int, default=5, help="rounds (fits of ours)")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="cpu: this process's CPU time (a CPU shared with other work; 1 thread)")  # fmt: skip
     args = p.parse_args(argv)
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -172,14 +221,18 @@ def main(argv: list[str] | None = None) -> None:
         if device == "cuda"
         else f"cpu threads={torch.get_num_threads()}"
     )
+    turns = "run by run" if device == "cuda" else "step by step"
     print(f"device={where} precision={args.precision} channels_last={args.channels_last} "
-          f"clock={args.clock}")  # fmt: skip
+          f"turns={turns}")  # fmt: skip
     print(f"  {'model':<11}{'image':>6}{'batch':>6}{'steps':>6}{'rounds':>7}"
-          f"{'plain img/s':>13}{'ours img/s':>12}{'ours/plain':>11}")  # fmt: skip
+          f"{'plain img/s':>13}{'ours img/s':>12}{'ours/plain':>11}{'range':>12}"
+          f"{'1st step ms plain':>19}{'ours':>8}")  # fmt: skip
     for model, size, batch, steps, rounds in cases:
         m = measure(model, size, batch, steps, rounds, args.precision, args.channels_last)
         print(f"  {model:<11}{size:>6}{batch:>6}{steps:>6}{rounds:>7}"
-              f"{m['plain']:>13.1f}{m['ours']:>12.1f}{m['ratio']:>11.3f}", flush=True)  # fmt: skip
+              f"{m['plain']:>13.1f}{m['ours']:>12.1f}{m['ratio']:>11.3f}"
+              f"{m['low']:>6.3f}-{m['high']:.3f}"
+              f"{m['plain_first_ms']:>19.1f}{m['ours_first_ms']:>8.1f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -156,13 +156,11 @@ class Telemetry(pl.Callback):
         if self._cuda:
             peak_bytes = torch.cuda.max_memory_allocated(pl_module.device)
             metrics["gpu_memory_peak_gib"] = (peak_bytes / 2**30, "max")
-        if self._sample_utilisation:  # (every rank logs the same keys: DDP reduces each)
+            # NaN where NVML cannot say: every rank sends the same keys
             busy = sum(self._busy) / len(self._busy) if self._busy else float("nan")
             metrics["gpu_utilisation"] = (busy, "mean")
-        for name, (value, reduce) in metrics.items():  # one value per rank: batch_size=1
-            pl_module.log(
-                f"perf/{name}", value, on_epoch=True, sync_dist=True, reduce_fx=reduce, batch_size=1
-            )
+        for name, value in _over_ranks(trainer, metrics).items():
+            pl_module.log(f"perf/{name}", value, on_step=False, on_epoch=True, batch_size=1)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -184,6 +182,20 @@ class Telemetry(pl.Callback):
         flops = self._counter.get_total_flops()
         self._counting = self._counter = None
         return flops
+
+
+def _over_ranks(trainer: pl.Trainer, metrics: dict[str, tuple[float, str]]) -> dict[str, float]:
+    """Each metric over all ranks, by its reduction ("sum", "mean" of the ranks that measured
+    it, "max"), in one all-gather from this hook, which every rank runs; a metric no rank
+    measured (NaN) is left out. Logged already reduced: a value logged with `sync_dist` would be
+    reduced by whichever rank reads it first, and the progress display reads on rank 0 alone."""
+    names = list(metrics)
+    local = torch.tensor([metrics[n][0] for n in names], dtype=torch.float64)
+    device = trainer.strategy.root_device  # NCCL gathers from the GPU
+    ranks = trainer.strategy.all_gather(local.to(device)).reshape(-1, len(names)).cpu()
+    reduce = {"sum": torch.sum, "mean": torch.nanmean, "max": torch.amax}
+    out = {n: float(reduce[metrics[n][1]](ranks[:, i])) for i, n in enumerate(names)}
+    return {n: v for n, v in out.items() if v == v}
 
 
 def _images_of(batch: Any) -> Any:

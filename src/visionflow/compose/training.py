@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import KubeflowEnvironment
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig
 
 import visionflow.callbacks  # noqa: F401  (fills the CALLBACKS registry)
@@ -84,10 +86,18 @@ def cluster_environment() -> KubeflowEnvironment | None:
     return None
 
 
+EPOCH_SYNC_ADVICE = (
+    r"It is recommended to use `self\.log\(.*sync_dist=True\)` when logging on epoch level"
+)
+
+
 def build_trainer(
     cfg: DictConfig, callbacks: list[pl.Callback], logger=None, plugins=None
 ) -> pl.Trainer:
     args = {k: v for k, v in plain(cfg.trainer).items() if v is not None}
+    # Epoch values are added up over the ranks before they are logged (vision/modules.py,
+    # callbacks/telemetry.py): Lightning's advice to log them with sync_dist does not apply.
+    warnings.filterwarnings("ignore", EPOCH_SYNC_ADVICE, PossibleUserWarning)
     plugins = list(plugins or [])
     if (env := cluster_environment()) is not None:
         plugins.append(env)

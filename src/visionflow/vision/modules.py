@@ -3,6 +3,14 @@
 `VisionModule` holds what every task shares: the optimizer and schedule from `optim`, how the
 network runs (`train.*`: channels_last, torch.compile, gradient checkpointing) and the `spec`
 that travels inside every checkpoint so that later steps can rebuild the network from it alone.
+
+A step costs what the plain PyTorch loop costs, plus a few operations on the device: what a task
+measures per batch (loss, accuracy) is added to the epoch's sums there, and logged once, as the
+epoch's means, when the epoch ends. `train/loss_step` is logged on the steps the Trainer sends
+to its loggers (`trainer.log_every_n_steps`), as a CPU copy that the progress display reads
+without waiting for the device. Nothing is logged with `sync_dist`: the sums are added up over
+the ranks explicitly, in hooks every rank runs at the same point, so no reader on one rank (the
+progress display runs on rank 0 alone) can start a collective the others never join.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from visionflow.core.config import ConfigError
 from visionflow.vision.metrics import IGNORE_INDEX, mean_iou, segmentation_metrics
@@ -51,6 +58,10 @@ class VisionModule(pl.LightningModule):
         self.spec = spec
         self.optim = optim
         self.input_size: int | None = None  # set by ProgressiveResizing: train at this size
+        # Per split, since its means were last logged: {name: sum over images, on the device}
+        # and the number of images.
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._images: dict[str, int] = {}
 
     def setup(self, stage: str) -> None:
         """A network with a data-dependent initialisation (`init_from_data(images)`, such as
@@ -126,11 +137,13 @@ class VisionModule(pl.LightningModule):
                 state.pop(key, None)
 
     def _step(self, batch, split: str) -> torch.Tensor:
-        """The loss of one batch of `split`, logging what the task measures."""
+        """The loss of one batch of `split`, adding what the task measures to the epoch's sums."""
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        self._log_step_loss(loss)
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -138,12 +151,58 @@ class VisionModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _log(self, split: str, name: str, value, batch_size: int, on_step=False, bar=True) -> None:
-        """`batch_size` weights the epoch mean (Lightning cannot infer it from list batches)."""
-        self.log(
-            f"{split}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=bar,
-            sync_dist=True, batch_size=batch_size,
-        )  # fmt: skip
+    def _add(self, split: str, batch_size: int, **means: torch.Tensor) -> None:
+        """Add a batch's means (over its `batch_size` images) to `split`'s sums, on the device."""
+        sums = self._sums.setdefault(split, {})
+        for name, mean in means.items():
+            if name in sums:
+                sums[name].add_(mean.detach(), alpha=batch_size)
+            else:  # float32 whatever the precision: bf16 sums would round away small batches
+                sums[name] = mean.detach().float() * batch_size
+        self._images[split] = self._images.get(split, 0) + batch_size
+
+    def _log_step_loss(self, loss: torch.Tensor) -> None:
+        """`train/loss_step`, the mean over ranks, on the steps whose values the Trainer sends
+        to its loggers (every `trainer.log_every_n_steps`, counted as Lightning counts them)."""
+        every = self.trainer.log_every_n_steps
+        if not every or (self.global_step + 1) % every:
+            return
+        loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        self.log("train/loss_step", loss.cpu(), on_step=True, on_epoch=False, prog_bar=True)
+
+    def _log_epoch_means(self, split: str) -> None:
+        """Log `split`'s means over the images added since they were last logged, over all
+        ranks (one all-reduce), and start new sums. Training's loss is `train/loss_epoch`."""
+        sums, images = self._sums.pop(split, {}), self._images.pop(split, 0)
+        if not sums:  # the same on every rank: they all ran the same number of batches
+            return
+        names = list(sums)
+        total = torch.stack([*(sums[n] for n in names), sums[names[0]].new_tensor(images)])
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        means = (total[:-1] / total[-1]).cpu()
+        for name, mean in zip(names, means, strict=True):
+            key = "train/loss_epoch" if (split, name) == ("train", "loss") else f"{split}/{name}"
+            self.log(key, mean, on_step=False, on_epoch=True, prog_bar=name in ON_BAR, batch_size=1)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """The epoch's last batch logs its means: before the epoch-end hooks of callbacks (the
+        progress display's among them), which Lightning calls before this module's."""
+        progress, trainer = self.trainer.fit_loop.epoch_loop.batch_progress, self.trainer
+        if (
+            progress.is_last_batch
+            or progress.current.ready == trainer.num_training_batches
+            or 0 <= trainer.max_steps <= self.global_step
+        ):
+            self._log_epoch_means("train")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_means("train")  # an epoch stopped before its last batch
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -186,10 +245,8 @@ class ClassificationModule(VisionModule):
         smoothing = self.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         hard = labels.argmax(1) if labels.ndim == 2 else labels
-        # validate_args=False: checking the labels' range would wait for the device every step
-        acc = multiclass_accuracy(logits, hard, logits.shape[1], "micro", validate_args=False)
-        self._log(split, "loss", loss, len(images), on_step=split == "train")
-        self._log(split, "acc", acc, len(images))
+        acc = (logits.argmax(1) == hard).float().mean()
+        self._add(split, len(images), loss=loss, acc=acc)
         return loss
 
 
@@ -219,9 +276,8 @@ class DetectionModule(VisionModule):
             images, targets = _rescale_detection(images, targets, self.input_size)
         losses = self.net(list(images), list(targets))
         loss = sum(losses.values())
-        self._log("train", "loss", loss, len(images), on_step=True)
-        for name, value in losses.items():
-            self._log("train", name, value, len(images), bar=False)
+        self._add("train", len(images), loss=loss, **losses)  # the detector's own, by name
+        self._log_step_loss(loss)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -229,10 +285,10 @@ class DetectionModule(VisionModule):
         self.val_map.update(self(images), list(targets))
 
     def on_validation_epoch_end(self) -> None:
-        result = self.val_map.compute()
+        result = self.val_map.compute()  # over every rank's detections (torchmetrics syncs)
         self.val_map.reset()
-        self.log("val/map", result["map"], prog_bar=True, sync_dist=True)
-        self.log("val/map_50", result["map_50"], prog_bar=True, sync_dist=True)
+        self.log("val/map", result["map"], prog_bar=True)
+        self.log("val/map_50", result["map_50"], prog_bar=True)
 
 
 def _rescale_detection(images, targets, size: int):
@@ -270,13 +326,14 @@ class SegmentationModule(VisionModule):
             images, masks = self._resized(images, masks)
         logits = self(images)
         loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-        self._log(split, "loss", loss, len(images), on_step=split == "train")
+        self._add(split, len(images), loss=loss)
         if split != "train":
             self.metrics[split].update(logits.argmax(1), masks)
         return loss
 
     def _epoch_end(self, split: str) -> None:
-        result = self.metrics[split].compute()
+        self._log_epoch_means(split)
+        result = self.metrics[split].compute()  # over every rank's pixels (torchmetrics syncs)
         self.metrics[split].reset()
         self.log(f"{split}/miou", mean_iou(result["iou"]), prog_bar=True)
         self.log(f"{split}/pixel_acc", result["pixel_acc"], prog_bar=True)
@@ -289,6 +346,7 @@ class SegmentationModule(VisionModule):
 
 
 DATA_INIT_IMAGES = 5000  # training images a data-dependent initialisation sees
+ON_BAR = ("loss", "acc")  # the epoch means the progress display shows
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # What a scheduler's state says about the run's length (OneCycleLR's, CosineAnnealingLR's).
 SCHEDULE_LENGTH_KEYS = ("total_steps", "_schedule_phases", "T_max")
