@@ -10,13 +10,14 @@ The first step is timed apart: ours counts the model's FLOPs there for its telem
 fit (and again if the image size changes). The ratio compares the steady state, every later
 step, where a step's overhead shows (1.0 = no overhead); it is the median over rounds.
 
-How the two take turns depends on the device:
+How the two take turns depends on the device (`--turns` chooses):
 - CPU, step by step: after each of ours, a callback runs one plain step, each timed on its own.
   Steps next to each other see the same machine: a shared CPU's speed drifts by a fifth over
   seconds, more than the overhead measured. A CPU runs each operation to its end, so nothing
   that the plain loop would overlap is lost.
-- GPU, a whole run at a time, the first of each pair taking turns: the device runs queued work
-  while the host prepares the next step, which waiting after each step would undo.
+- GPU, run by run, the first of each pair taking turns: the device runs queued work while the
+  host prepares the next step, which waiting after each step would undo; it is waited for after
+  the first step and the last only.
 
 Without `--model` it measures the table of the device at hand: on a CPU simple_cnn and resnet18
 at 32 px (resnet50 at 224 px takes minutes a step there: GPU only), and simple_cnn at 16 px with
@@ -82,13 +83,21 @@ class Plain:
         self.sched.step()
 
 
+def _sync_at(index: int, steps: int) -> None:
+    """Wait for the device after the first and the last step only: the times of the steps in
+    between add up right, and the device runs queued work while the host prepares the next
+    step, as in training. (A CPU runs each operation to its end: every step's time is its own.)"""
+    if index in (0, steps - 1):
+        _sync()
+
+
 class Clock(pl.Callback):
     """Ours' step times, each from the end of the step before (or the epoch's start) to the end
     of this one; the last callback, so that the others' work on each batch counts. With `plain`
-    (step by step), one plain step runs after each of ours, timed apart and left out of ours."""
+    (step by step, CPU), one plain step runs after each of ours, timed apart and left out."""
 
-    def __init__(self, plain: Plain | None = None, batches=None) -> None:
-        self.plain, self.batches = plain, batches
+    def __init__(self, steps: int, plain: Plain | None = None, batches=None) -> None:
+        self.steps, self.plain, self.batches = steps, plain, batches
         self.ours: list[float] = []
         self.plain_steps: list[float] = []
 
@@ -97,26 +106,25 @@ class Clock(pl.Callback):
         self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        _sync()
+        _sync_at(batch_idx, self.steps)
         now = time.perf_counter()
         self.ours.append(now - self._mark)
+        self._mark = now
         if self.plain is not None:
             self.plain.step(*self.batches[batch_idx])
-            _sync()
+            _sync_at(batch_idx, self.steps)
             self._mark = time.perf_counter()
             self.plain_steps.append(self._mark - now)
-        else:
-            self._mark = now
 
 
 def plain_run(plain: Plain, batches) -> list[float]:
-    """The plain loop's step times, waiting for the device after each."""
+    """The plain loop's step times."""
     times = []
     _sync()
     mark = time.perf_counter()
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         plain.step(x, y)
-        _sync()
+        _sync_at(i, len(batches))
         now = time.perf_counter()
         times.append(now - mark)
         mark = now
@@ -139,7 +147,7 @@ def fit_ours(net, batches, cfg, device: str, precision: str, channels_last: bool
 
 
 def measure(model: str, image_size: int, batch_size: int, steps: int, rounds: int,
-            precision: str, channels_last: bool) -> dict[str, float]:  # fmt: skip
+            precision: str, channels_last: bool, turns: str) -> dict[str, float]:  # fmt: skip
     """Images/second of each after the first step and the first step's milliseconds (medians
     over rounds), and the median of the rounds' ratios."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,15 +174,18 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, rounds: in
         return timer.ours
 
     def step_by_step() -> dict[str, list[float]]:
-        timer = Clock(new_plain(), batches)
+        timer = Clock(steps, new_plain(), batches)
         return {"ours": ours(timer), "plain": timer.plain_steps}
 
     def run_by_run(r: int) -> dict[str, list[float]]:
-        runs = {"plain": lambda: plain_run(new_plain(), batches), "ours": lambda: ours(Clock())}
+        runs = {
+            "plain": lambda: plain_run(new_plain(), batches),
+            "ours": lambda: ours(Clock(steps)),
+        }
         order = ("plain", "ours") if r % 2 == 0 else ("ours", "plain")
         return {name: runs[name]() for name in order}
 
-    one_round = run_by_run if device == "cuda" else lambda r: step_by_step()
+    one_round = run_by_run if turns == "run" else lambda r: step_by_step()
     one_round(1)  # warm-up: allocator, kernels' choice, Lightning's first fit
     first: dict[str, list[float]] = {"plain": [], "ours": []}
     rest: dict[str, list[float]] = {"plain": [], "ours": []}
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--turns", choices=["step", "run"],
+                   help="take turns step by step or run by run (default: step on a CPU, run on a GPU)")  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,14 +234,14 @@ def main(argv: list[str] | None = None) -> None:
         if device == "cuda"
         else f"cpu threads={torch.get_num_threads()}"
     )
-    turns = "run by run" if device == "cuda" else "step by step"
+    turns = args.turns or ("run" if device == "cuda" else "step")
     print(f"device={where} precision={args.precision} channels_last={args.channels_last} "
           f"turns={turns}")  # fmt: skip
     print(f"  {'model':<11}{'image':>6}{'batch':>6}{'steps':>6}{'rounds':>7}"
           f"{'plain img/s':>13}{'ours img/s':>12}{'ours/plain':>11}{'range':>12}"
           f"{'1st step ms plain':>19}{'ours':>8}")  # fmt: skip
     for model, size, batch, steps, rounds in cases:
-        m = measure(model, size, batch, steps, rounds, args.precision, args.channels_last)
+        m = measure(model, size, batch, steps, rounds, args.precision, args.channels_last, turns)
         print(f"  {model:<11}{size:>6}{batch:>6}{steps:>6}{rounds:>7}"
               f"{m['plain']:>13.1f}{m['ours']:>12.1f}{m['ratio']:>11.3f}"
               f"{m['low']:>6.3f}-{m['high']:.3f}"
