@@ -83,6 +83,12 @@ def test_optimize_comes_after_train_and_everything_downstream_takes_its_model(tm
     # The UI parameter reaches configure, which turns it into the `optimize=` override.
     configure_inputs = tasks["configure"]["inputs"]["parameters"]
     assert configure_inputs["optimize"] == {"componentInputParameter": "optimize"}
+    # optimize learns the resolved method from configure (a pass-through loads no config).
+    method = tasks["optimize"]["inputs"]["parameters"]["method"]["taskOutputParameter"]
+    assert (method["producerTask"], method["outputParameterKey"]) == (
+        "configure",
+        "optimize_method",
+    )
 
 
 def test_components_only_call_into_the_package(tmp_path):
@@ -170,3 +176,36 @@ def test_batch_parameters_become_predict_overrides_and_are_checked():
     assert run_id == "batch-7"
     with pytest.raises(ParameterError, match="storage.root"):
         configure_overrides(knobs, ["storage.root=s3://other"], "batch-7", PREDICT_KNOBS)
+
+
+def test_optimize_off_passes_train_s_checkpoint_and_result_through(tmp_path):
+    """optimize.method=none: the artifact evaluate, export and register read is train's own,
+    and the report says how to switch pruning on; no config, network or data is loaded."""
+    from kfp import dsl
+
+    from visionflow.kfp.components.optimize import optimize
+    from visionflow.kfp.io import read_model, uri_of, write_pointer
+    from visionflow.results import TrainResult
+
+    trained = TrainResult(checkpoint_uri="s3://b/checkpoints/r1/best.ckpt",
+                          last_checkpoint_uri="s3://b/checkpoints/r1/last.ckpt", monitor="val/acc",
+                          best_score=0.9, global_step=10, epochs=1, resumed_from_step=None,
+                          mlflow_run_id="m1", spec={"task": "classification", "dataset_id": "d1"},
+                          final_metrics={"val/acc": 0.9})  # fmt: skip
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    write_pointer(model, trained.checkpoint_uri, trained)  # as the train component does
+    optimized = dsl.Model(uri=str(tmp_path / "optimized"))
+    report = dsl.Markdown(uri=str(tmp_path / "report"))
+    optimize.python_func(
+        overrides=["no_such_key=1"],  # never loaded
+        run_id="r1",
+        method="none",
+        dataset=dsl.Dataset(uri=str(tmp_path / "dataset"), metadata={"dataset_id": "d1"}),
+        model=model,
+        optimized=optimized,
+        metrics=dsl.Metrics(uri=str(tmp_path / "metrics")),
+        report=report,
+    )
+    assert uri_of(optimized) == trained.checkpoint_uri
+    assert read_model(optimized) == (trained, None) == read_model(model)
+    assert "`optimize` parameter set to `prune`" in (tmp_path / "report").read_text()

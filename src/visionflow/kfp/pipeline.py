@@ -7,7 +7,8 @@ anything else goes through `overrides` (Hydra `key=value` strings).
 The optimize step is always in the graph: with `optimize=prune` it prunes and fine-tunes train's
 checkpoint, and evaluate, export (quantize through it) and register take the pruned one; with
 `optimize.method=none`, the default, it passes train's checkpoint and result through unchanged
-in seconds and its report says how to switch pruning on. Not a `dsl.If`: kfp.local's support for
+(configure hands it the method: it loads no config, torch or data) and its report says how to
+switch pruning on. Not a `dsl.If`: kfp.local's support for
 conditions is recent (released versions always took the false branch, kubeflow/pipelines#13313),
 the steps after it would need `dsl.OneOf` to take either branch's model, and the cluster
 simulation plays compiled pipelines without conditions; a pass-through runs the same in
@@ -130,7 +131,12 @@ def training_pipeline(
     kubernetes.use_field_path_as_env(train_task, "VISIONFLOW_POD_UID", "metadata.uid")
     train_task.set_retry(num_retries=1, backoff_duration="10s")
     train_task.set_caching_options(enable_caching=False)
-    opt_task = optimize_component(**common, dataset=dataset, model=train_task.outputs["model"])
+    opt_task = optimize_component(
+        **common,
+        method=cfg.outputs["optimize_method"],
+        dataset=dataset,
+        model=train_task.outputs["model"],
+    )
     model_ckpt = opt_task.outputs["optimized"]
     eval_task = evaluate(**common, dataset=dataset, model=model_ckpt)
     export_task = export(**common, dataset=dataset, model=model_ckpt)

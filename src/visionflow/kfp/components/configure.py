@@ -23,8 +23,9 @@ def configure(
     run_id: str,
     pipeline_job: str,
     config: Output[Markdown],
-) -> NamedTuple("Configured", overrides=list, run_id=str):
-    """Turn the pipeline's parameters into Hydra overrides, check them, and show the config.
+) -> NamedTuple("Configured", overrides=list, run_id=str, optimize_method=str):
+    """Turn the pipeline's parameters into Hydra overrides, check them, and show the config;
+    the resolved `optimize.method` tells the optimize step whether it has anything to do.
 
     Args:
         data: Dataset config (`shapes`, `imagefolder`); empty keeps the config's.
@@ -58,4 +59,6 @@ def configure(
     )  # fmt: skip
     with open(config.path, "w") as f:
         f.write(f"# run {run}\n\n```yaml\n{OmegaConf.to_yaml(cfg)}```\n")
-    return NamedTuple("Configured", overrides=list, run_id=str)(resolved, run)
+    return NamedTuple("Configured", overrides=list, run_id=str, optimize_method=str)(
+        resolved, run, cfg.optimize.method
+    )

@@ -8,6 +8,7 @@ from visionflow.kfp.components import IMAGE
 def optimize(
     overrides: list,
     run_id: str,
+    method: str,
     dataset: Input[Dataset],
     model: Input[Model],
     optimized: Output[Model],
@@ -21,6 +22,8 @@ def optimize(
     Args:
         overrides: Hydra overrides for this run.
         run_id: The run's id.
+        method: The run's `optimize.method`, as configure resolved it: `prune`, or `none` to
+            pass train's checkpoint through without loading the config, torch or the data.
         dataset: The prepared dataset.
         model: train's output: the trained checkpoint and train's result.
         optimized: The run's model for evaluate, export and register: the pruned, fine-tuned
@@ -33,9 +36,8 @@ def optimize(
     from visionflow.kfp.reports import NOT_OPTIMIZED
     from visionflow.results import TrainResult
 
-    cfg = step_config(overrides, run_id)
     trained = read_result(model, TrainResult)
-    if cfg.optimize.method == "none":  # cheap: no data, no network loaded
+    if method == "none":
         write_model(optimized, trained, None, method="none")
         with open(report.path, "w") as f:
             f.write(NOT_OPTIMIZED)
@@ -46,7 +48,9 @@ def optimize(
     from visionflow.steps.optimize import report_markdown
 
     r = retrying(run)(
-        cfg, dataset_id=dataset.metadata["dataset_id"], checkpoint_uri=trained.checkpoint_uri
+        step_config(overrides, run_id),
+        dataset_id=dataset.metadata["dataset_id"],
+        checkpoint_uri=trained.checkpoint_uri,
     )
     write_model(optimized, trained, r, method=r.method, macs_kept=r.macs_kept, speedup=r.speedup,
                 score_drop=r.score_drop)  # fmt: skip
