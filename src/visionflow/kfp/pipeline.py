@@ -8,11 +8,10 @@ The optimize step is always in the graph: with `optimize=prune` it prunes and fi
 checkpoint, and evaluate, export (quantize through it) and register take the pruned one; with
 `optimize.method=none`, the default, it passes train's checkpoint and result through unchanged
 (configure hands it the method: it loads no config, torch or data) and its report says how to
-switch pruning on. Not a `dsl.If`: kfp.local's support for
-conditions is recent (released versions always took the false branch, kubeflow/pipelines#13313),
-the steps after it would need `dsl.OneOf` to take either branch's model, and the cluster
-simulation plays compiled pipelines without conditions; a pass-through runs the same in
-kfp.local, the simulation and on a cluster.
+switch pruning on. Not a `dsl.If`: kfp.local's support for conditions is recent (released
+versions always took the false branch, kubeflow/pipelines#13313), the steps after it would need
+`dsl.OneOf` to take either branch's model, and the cluster simulation plays compiled pipelines
+without conditions; a pass-through runs the same in kfp.local, the simulation and a cluster.
 """
 
 from kfp import dsl, kubernetes
@@ -20,9 +19,7 @@ from kfp import dsl, kubernetes
 from visionflow.kfp.components.configure import configure
 from visionflow.kfp.components.evaluate import evaluate
 from visionflow.kfp.components.export import export
-
-# `optimize` is also the pipeline's parameter (optimize=prune)
-from visionflow.kfp.components.optimize import optimize as optimize_component
+from visionflow.kfp.components.optimize import optimize as optimize_component  # `optimize`: a param
 from visionflow.kfp.components.prepare import prepare
 from visionflow.kfp.components.quantize import quantize
 from visionflow.kfp.components.register import register
