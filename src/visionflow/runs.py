@@ -112,8 +112,11 @@ def summary(
     exported: ExportResult,
     quantized: QuantizeResult,
     registered: RegisterResult,
+    optimized: OptimizeResult | None = None,
 ) -> dict[str, Any]:
-    """The one-line summary of a finished run (see DESIGN.md, "Interfaces users rely on")."""
+    """The one-line summary of a finished run (see DESIGN.md, "Interfaces users rely on");
+    `optimized` is optimize's result where the run pruned (then evaluate, export and register
+    took the pruned checkpoint)."""
     return {
         "tracking_uri": tracking_uri,
         "run_id": run_id,  # visionflow's, as everywhere else
@@ -130,16 +133,30 @@ def summary(
         "onnx_max_abs_diff": exported.onnx.max_abs_diff,
         "torchscript_max_abs_diff": exported.torchscript.max_abs_diff,
         **int8_summary(quantized),
+        "optimize": optimize_summary(optimized),
         "dataset_id": trained.spec["dataset_id"],
         "artifacts": {
             "dataset": dataset_uri,
             "checkpoint": trained.checkpoint_uri,
+            "pruned_checkpoint": optimized.checkpoint_uri if optimized else "",
             "onnx": exported.onnx_uri,
             "torchscript": exported.torchscript_uri,
             "onnx_int8": quantized.int8_uri,
             "evaluation_figure": evaluation.figure_png,
             "registered_model": registered.model_uri,
         },
+    }
+
+
+def optimize_summary(o: OptimizeResult | None) -> dict[str, Any] | None:
+    """What the summary says of optimize: null where the run was not optimized."""
+    if o is None:
+        return None
+    return {
+        "method": o.method,
+        "macs_kept": o.macs_kept,
+        "speedup": o.speedup,
+        "score_drop": o.score_drop,
     }
 
 

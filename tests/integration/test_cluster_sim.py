@@ -90,7 +90,7 @@ def test_a_run_from_the_ui_with_default_parameters(sim, ui_run):
     assert summary["isolation"]["problems"] == []
     assert summary["isolation"]["writes_outside_own_dir_refused"]
     assert summary["isolation"]["rendezvous_port"]["outsider"] == "refused"
-    assert summary["isolation"]["steps"] == 7
+    assert summary["isolation"]["steps"] == 8
     keys, run = sim.s3.keys(sim.bucket), summary["run_id"]
     for key in (f"checkpoints/{run}/best.ckpt", f"checkpoints/{run}/last.ckpt",
                 f"models/{run}/model.onnx", f"models/{run}/model.torchscript.pt",

@@ -107,6 +107,14 @@ def _exports(run) -> None:
         assert uri.startswith("models:/") or uri == "" or Path(uri).exists(), uri
     written = workdir / "runs" / summary["run_id"] / "summary.json"
     assert json.loads(written.read_text()) == summary
+    # optimize is off by default: it passed train's checkpoint and result through to export.
+    steps = sorted((workdir / "kfp").glob("visionflow-training-*"))[0]
+    trained = json.loads((steps / "train" / "model").read_text())
+    assert json.loads((steps / "optimize" / "optimized").read_text()) == {
+        **trained,
+        "optimize": None,
+    }
+    assert trained["uri"] == summary["artifacts"]["checkpoint"] and summary["optimize"] is None
 
 
 @then("the quantize report says which variant is faster on this host")

@@ -10,8 +10,9 @@ from visionflow.kfp.io import configure_overrides
 from visionflow.kfp.local import split_overrides, write_site_config
 from visionflow.kfp.params import ParameterError, check_override, check_run_id, literal
 
-NONE = dict(data="", data_root="", data_test_root="", model="", max_epochs=0, batch_size=0,
-            learning_rate=0.0, min_score=-1.0, max_int8_drop=-1.0, registered_model_name="")  # fmt: skip
+NONE = dict(data="", data_root="", data_test_root="", model="", optimize="", max_epochs=0,
+            batch_size=0, learning_rate=0.0, min_score=-1.0, max_int8_drop=-1.0,
+            registered_model_name="")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,18 @@ def test_allowed_parameters_pass_unchanged():
                "experiment=shapes_quick", "quantize.required=true", "sweep.id=s1"]  # fmt: skip
     assert configure_overrides(NONE, allowed, "run-1") == (allowed, "run-1")
     assert check_run_id("r" * 63) == "r" * 63
+
+
+def test_the_optimize_parameter_switches_pruning_on_and_reruns_may_tune_it():
+    overrides, _ = configure_overrides(
+        {**NONE, "optimize": "prune"}, ["optimize.target_macs=0.4", "optimize.epochs=2"], "r1"
+    )
+    assert overrides == ["optimize=prune", "optimize.target_macs=0.4", "optimize.epochs=2"]
+    cfg = load_config(overrides)
+    assert (cfg.optimize.method, cfg.optimize.target_macs, cfg.optimize.epochs) == ("prune", 0.4, 2)
+    assert load_config(configure_overrides(NONE, [], "r1")[0]).optimize.method == "none"
+    with pytest.raises(ParameterError, match="optimize: 'prune; rm' refused"):
+        configure_overrides({**NONE, "optimize": "prune; rm"}, [], "r1")
 
 
 @pytest.mark.parametrize(

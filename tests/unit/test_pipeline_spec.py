@@ -10,8 +10,9 @@ from visionflow.kfp.compile import compile_pipeline
 from visionflow.kfp.components import IMAGE
 from visionflow.kfp.io import configure_overrides
 
-KNOBS = {"data", "data_root", "data_test_root", "model", "max_epochs", "batch_size", "learning_rate",
-         "min_score", "max_int8_drop", "registered_model_name", "overrides", "run_id"}  # fmt: skip
+KNOBS = {"data", "data_root", "data_test_root", "model", "optimize", "max_epochs", "batch_size",
+         "learning_rate", "min_score", "max_int8_drop", "registered_model_name", "overrides",
+         "run_id"}  # fmt: skip
 
 
 def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypatch):
@@ -31,6 +32,7 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
         "configure",
         "prepare",
         "train",
+        "optimize",
         "evaluate",
         "export",
         "quantize",
@@ -43,7 +45,9 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
     assert len(executors) == len(tasks)
     containers = spec["deploymentSpec"]["executors"]
     assert_release_wiring(
-        executors, containers, {"exec-prepare", "exec-evaluate", "exec-export", "exec-quantize"}
+        executors,
+        containers,
+        {"exec-prepare", "exec-optimize", "exec-evaluate", "exec-export", "exec-quantize"},
     )
     # Only the train step carries the marker that lets cluster.launcher=auto launch a job, and
     # the downward-API names its job's ownerReference needs.
@@ -62,6 +66,31 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
         assert "configure" in name or "retrying(" in body, name
 
 
+def test_optimize_comes_after_train_and_everything_downstream_takes_its_model(tmp_path):
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+
+    def producer(task: str, artifact: str) -> tuple[str, str]:
+        source = tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]
+        return source["producerTask"], source["outputArtifactKey"]
+
+    assert producer("optimize", "model") == ("train", "model")
+    for step in ("evaluate", "export", "register"):
+        assert producer(step, "model") == ("optimize", "optimized"), step
+    # Nothing downstream reads train's checkpoint past optimize.
+    readers = {t for t in tasks if "train" in tasks[t].get("dependentTasks", [])}
+    assert readers == {"optimize"}
+    # The UI parameter reaches configure, which turns it into the `optimize=` override.
+    configure_inputs = tasks["configure"]["inputs"]["parameters"]
+    assert configure_inputs["optimize"] == {"componentInputParameter": "optimize"}
+    # optimize learns the resolved method from configure (a pass-through loads no config).
+    method = tasks["optimize"]["inputs"]["parameters"]["method"]["taskOutputParameter"]
+    assert (method["producerTask"], method["outputParameterKey"]) == (
+        "configure",
+        "optimize_method",
+    )
+
+
 def test_components_only_call_into_the_package(tmp_path):
     spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
     for name, executor in spec["deploymentSpec"]["executors"].items():
@@ -71,12 +100,13 @@ def test_components_only_call_into_the_package(tmp_path):
 
 
 def test_unset_parameters_keep_the_config_and_overrides_come_last():
-    knobs = dict(data="imagefolder", data_root="/d", data_test_root="", model="", max_epochs=0,
-                 batch_size=64, learning_rate=0.0, min_score=0.0, max_int8_drop=-1.0,
-                 registered_model_name="")  # fmt: skip
+    knobs = dict(data="imagefolder", data_root="/d", data_test_root="", model="",
+                 optimize="prune", max_epochs=0, batch_size=64, learning_rate=0.0, min_score=0.0,
+                 max_int8_drop=-1.0, registered_model_name="")  # fmt: skip
     overrides, run_id = configure_overrides(knobs, ["trainer.max_epochs=2"], "job-7")
-    assert overrides == ["data=imagefolder", "data.root='/d'", "data.batch_size=64",
-                         "evaluate.min_score=0.0", "trainer.max_epochs=2"]  # fmt: skip
+    assert overrides == ["data=imagefolder", "data.root='/d'", "optimize=prune",
+                         "data.batch_size=64", "evaluate.min_score=0.0",
+                         "trainer.max_epochs=2"]  # fmt: skip
     assert run_id == "job-7"
     assert configure_overrides({k: v for k, v in knobs.items() if k != "data"}, [], "")[
         1
@@ -146,3 +176,36 @@ def test_batch_parameters_become_predict_overrides_and_are_checked():
     assert run_id == "batch-7"
     with pytest.raises(ParameterError, match="storage.root"):
         configure_overrides(knobs, ["storage.root=s3://other"], "batch-7", PREDICT_KNOBS)
+
+
+def test_optimize_off_passes_train_s_checkpoint_and_result_through(tmp_path):
+    """optimize.method=none: the artifact evaluate, export and register read is train's own,
+    and the report says how to switch pruning on; no config, network or data is loaded."""
+    from kfp import dsl
+
+    from visionflow.kfp.components.optimize import optimize
+    from visionflow.kfp.io import read_model, uri_of, write_pointer
+    from visionflow.results import TrainResult
+
+    trained = TrainResult(checkpoint_uri="s3://b/checkpoints/r1/best.ckpt",
+                          last_checkpoint_uri="s3://b/checkpoints/r1/last.ckpt", monitor="val/acc",
+                          best_score=0.9, global_step=10, epochs=1, resumed_from_step=None,
+                          mlflow_run_id="m1", spec={"task": "classification", "dataset_id": "d1"},
+                          final_metrics={"val/acc": 0.9})  # fmt: skip
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    write_pointer(model, trained.checkpoint_uri, trained)  # as the train component does
+    optimized = dsl.Model(uri=str(tmp_path / "optimized"))
+    report = dsl.Markdown(uri=str(tmp_path / "report"))
+    optimize.python_func(
+        overrides=["no_such_key=1"],  # never loaded
+        run_id="r1",
+        method="none",
+        dataset=dsl.Dataset(uri=str(tmp_path / "dataset"), metadata={"dataset_id": "d1"}),
+        model=model,
+        optimized=optimized,
+        metrics=dsl.Metrics(uri=str(tmp_path / "metrics")),
+        report=report,
+    )
+    assert uri_of(optimized) == trained.checkpoint_uri
+    assert read_model(optimized) == (trained, None) == read_model(model)
+    assert "`optimize` parameter set to `prune`" in (tmp_path / "report").read_text()

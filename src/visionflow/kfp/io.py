@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from visionflow import logs
 from visionflow.core.config import load_config
-from visionflow.results import from_record
+from visionflow.results import OptimizeResult, TrainResult, from_record
 
 R = TypeVar("R")
 
@@ -33,17 +33,44 @@ def write_pointer(artifact, uri: str, result: Any = None, **metadata: Any) -> No
     """Point a KFP artifact at `uri`. Figures go to its metadata, for the UI; its file holds
     `result`, the step's typed result, for the steps downstream (`read_result`), or else the
     figures."""
+    _write(artifact, uri, dataclasses.asdict(result) if result is not None else metadata, metadata)
+
+
+def write_model(
+    artifact, trained: TrainResult, optimized: OptimizeResult | None, **metadata: Any
+) -> None:
+    """Point optimize's output at the run's model: the pruned checkpoint, or train's where
+    nothing was optimized. Its file holds train's result as train's own artifact does (what
+    register reads: the MLflow run, the dataset) and optimize's under `optimize` (null when
+    nothing was optimized), so evaluate, export and register take either artifact alike."""
+    uri = optimized.checkpoint_uri if optimized else trained.checkpoint_uri
+    record = dataclasses.asdict(trained)
+    record["optimize"] = dataclasses.asdict(optimized) if optimized else None
+    _write(artifact, uri, record, metadata)
+
+
+def _write(artifact, uri: str, record: dict[str, Any], metadata: dict[str, Any]) -> None:
     artifact.metadata["uri"] = uri
     artifact.metadata.update(metadata)
-    content = dataclasses.asdict(result) if result is not None else metadata
     with open(artifact.path, "w") as f:
-        json.dump({"uri": uri, **content}, f, indent=2, default=str)
+        json.dump({"uri": uri, **record}, f, indent=2, default=str)
 
 
 def read_result(artifact, cls: type[R]) -> R:
     """The typed result an upstream step wrote into `artifact` (`write_pointer`)."""
     with open(artifact.path) as f:
         return from_record(cls, json.load(f))
+
+
+def read_model(artifact) -> tuple[TrainResult, OptimizeResult | None]:
+    """train's result and optimize's (None where nothing was optimized) from a model artifact:
+    optimize's (`write_model`) or train's own."""
+    with open(artifact.path) as f:
+        record = json.load(f)
+    optimized = record.get("optimize")
+    return from_record(TrainResult, record), (
+        from_record(OptimizeResult, optimized) if optimized else None
+    )
 
 
 def uri_of(artifact) -> str:
@@ -62,6 +89,7 @@ _KNOBS = {
     "data_root": "data.root",
     "data_test_root": "data.test_root",
     "model": "model",
+    "optimize": "optimize",
     "max_epochs": "trainer.max_epochs",
     "batch_size": "data.batch_size",
     "learning_rate": "optim.optimizer.lr",

@@ -25,7 +25,7 @@ class PipelineError(RuntimeError):
 
 # What each pipeline's steps are, for the log.
 STEPS = {
-    "training": "prepare → train → evaluate → export → quantize → register",
+    "training": "prepare → train → optimize → evaluate → export → quantize → register",
     "batch_inference": "configure → predict",
 }
 
@@ -52,12 +52,6 @@ def run_local(overrides: list[str], pipeline: str = "training") -> tuple[dict[st
         from visionflow.steps.predict import check_config
 
         check_config(cfg)
-    elif cfg.optimize.method != "none":
-        raise ConfigError(
-            f"optimize={cfg.optimize.method}: the training pipeline has no optimize step yet; "
-            "run the steps one by one (visionflow prepare, train, optimize, evaluate, export, "
-            "quantize, register) or use components/optimize.yaml in a pipeline of your own"
-        )
     from kfp import local
 
     from visionflow.kfp.compile import pipeline_function

@@ -28,10 +28,11 @@ from visionflow.core.config import ConfigError
 
 # Config groups a run may select by name (their options are files in the image's configs/).
 GROUPS = frozenset({"model", "data", "transforms", "callbacks", "optim", "optim/scheduler",
-                    "trainer", "experiment"})  # fmt: skip
+                    "trainer", "optimize", "experiment"})  # fmt: skip
 # Dotted prefixes a run may set values under.
 SECTIONS = ("model.", "data.", "transforms.", "callbacks.", "optim.", "trainer.", "train.",
-            "evaluate.", "export.", "quantize.", "register.", "sweep.", "predict.")  # fmt: skip
+            "optimize.", "evaluate.", "export.", "quantize.", "register.", "sweep.",
+            "predict.")  # fmt: skip
 CLUSTER_SIZES = frozenset({"cluster.nodes", "cluster.gpus_per_node", "cluster.cpu",
                            "cluster.memory", "cluster.shm_size"})  # fmt: skip
 SINGLE = frozenset({"seed"})

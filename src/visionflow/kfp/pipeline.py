@@ -1,7 +1,17 @@
-"""The training pipeline: configure → prepare → train → evaluate → export → quantize → register.
+"""The training pipeline: configure → prepare → train → optimize → evaluate → export → quantize
+→ register.
 
 Every knob a person may change when rerunning from the Kubeflow UI is a pipeline parameter;
 anything else goes through `overrides` (Hydra `key=value` strings).
+
+The optimize step is always in the graph: with `optimize=prune` it prunes and fine-tunes train's
+checkpoint, and evaluate, export (quantize through it) and register take the pruned one; with
+`optimize.method=none`, the default, it passes train's checkpoint and result through unchanged
+(configure hands it the method: it loads no config, torch or data) and its report says how to
+switch pruning on. Not a `dsl.If`: kfp.local's support for conditions is recent (released
+versions always took the false branch, kubeflow/pipelines#13313), the steps after it would need
+`dsl.OneOf` to take either branch's model, and the cluster simulation plays compiled pipelines
+without conditions; a pass-through runs the same in kfp.local, the simulation and a cluster.
 """
 
 from kfp import dsl, kubernetes
@@ -9,6 +19,7 @@ from kfp import dsl, kubernetes
 from visionflow.kfp.components.configure import configure
 from visionflow.kfp.components.evaluate import evaluate
 from visionflow.kfp.components.export import export
+from visionflow.kfp.components.optimize import optimize as optimize_component  # `optimize`: a param
 from visionflow.kfp.components.prepare import prepare
 from visionflow.kfp.components.quantize import quantize
 from visionflow.kfp.components.register import register
@@ -38,6 +49,8 @@ RESOURCES = {
     "configure": ("1", "2Gi", None),
     "prepare": ("4", "16Gi", "2Gi"),
     "train": ("1", "2Gi", None),
+    # Fine-tunes on the step's own pod, on its CPUs (or passes train's checkpoint through).
+    "optimize": ("4", "16Gi", "2Gi"),
     "evaluate": ("4", "16Gi", "2Gi"),
     "export": ("2", "8Gi", "2Gi"),
     "quantize": ("4", "16Gi", "2Gi"),
@@ -82,6 +95,7 @@ def training_pipeline(
     data_root: str = "",
     data_test_root: str = "",
     model: str = "",
+    optimize: str = "",
     max_epochs: int = 0,
     batch_size: int = 0,
     learning_rate: float = 0.0,
@@ -93,8 +107,8 @@ def training_pipeline(
 ) -> str:
     cfg = configure(
         data=data, data_root=data_root, data_test_root=data_test_root, model=model,
-        max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-        min_score=min_score, max_int8_drop=max_int8_drop,
+        optimize=optimize, max_epochs=max_epochs, batch_size=batch_size,
+        learning_rate=learning_rate, min_score=min_score, max_int8_drop=max_int8_drop,
         registered_model_name=registered_model_name, overrides=overrides, run_id=run_id,
         pipeline_job=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     )  # fmt: skip
@@ -114,7 +128,13 @@ def training_pipeline(
     kubernetes.use_field_path_as_env(train_task, "VISIONFLOW_POD_UID", "metadata.uid")
     train_task.set_retry(num_retries=1, backoff_duration="10s")
     train_task.set_caching_options(enable_caching=False)
-    model_ckpt = train_task.outputs["model"]
+    opt_task = optimize_component(
+        **common,
+        method=cfg.outputs["optimize_method"],
+        dataset=dataset,
+        model=train_task.outputs["model"],
+    )
+    model_ckpt = opt_task.outputs["optimized"]
     eval_task = evaluate(**common, dataset=dataset, model=model_ckpt)
     export_task = export(**common, dataset=dataset, model=model_ckpt)
     quant_task = quantize(**common, dataset=dataset, onnx=export_task.outputs["onnx"])
@@ -129,6 +149,7 @@ def training_pipeline(
     for step, task in (
         ("configure", cfg),
         ("prepare", data_task),
+        ("optimize", opt_task),
         ("evaluate", eval_task),
         ("export", export_task),
         ("quantize", quant_task),

@@ -103,6 +103,17 @@ def quantize_report(r) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What optimize's report says when it passed train's checkpoint through (optimize=none).
+NOT_OPTIMIZED = (
+    "# Not optimized\n\n"
+    "`optimize.method=none` (the default): evaluate, export and register take train's checkpoint "
+    "as it is.\n\n"
+    "To prune it to a share of its MACs and fine-tune it, start the run with the `optimize` "
+    "parameter set to `prune` (`overrides` may add `optimize.target_macs=0.5`, "
+    "`optimize.epochs=3`).\n"
+)
+
+
 def predict_html(cfg, result) -> str:
     """Batch inference for the Kubeflow UI: figures, the class histogram (a bar chart inline
     and a table), and the undecodable images."""

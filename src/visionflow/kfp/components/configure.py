@@ -12,6 +12,7 @@ def configure(
     data_root: str,
     data_test_root: str,
     model: str,
+    optimize: str,
     max_epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -22,14 +23,18 @@ def configure(
     run_id: str,
     pipeline_job: str,
     config: Output[Markdown],
-) -> NamedTuple("Configured", overrides=list, run_id=str):
-    """Turn the pipeline's parameters into Hydra overrides, check them, and show the config.
+) -> NamedTuple("Configured", overrides=list, run_id=str, optimize_method=str):
+    """Turn the pipeline's parameters into Hydra overrides, check them, and show the config;
+    the resolved `optimize.method` tells the optimize step whether it has anything to do.
 
     Args:
         data: Dataset config (`shapes`, `imagefolder`); empty keeps the config's.
         data_root: Image tree for `imagefolder`: a path or s3://bucket/prefix.
         data_test_root: Separate test tree (e.g. ImageNet's val); empty carves one from data_root.
         model: Registered model name (e.g. `resnet18`); empty keeps the config's.
+        optimize: `prune` prunes and fine-tunes the trained network before evaluate and export
+            (`optimize.target_macs`, `optimize.epochs` in overrides); empty keeps the config's
+            (`none`: the trained network as it is).
         max_epochs: Training epochs; 0 keeps the config's.
         batch_size: Batch size; 0 keeps the config's.
         learning_rate: Peak learning rate; 0 keeps the config's.
@@ -47,11 +52,13 @@ def configure(
 
     resolved, run, cfg = configure_step(
         dict(data=data, data_root=data_root, data_test_root=data_test_root, model=model,
-             max_epochs=max_epochs, batch_size=batch_size, learning_rate=learning_rate,
-             min_score=min_score, max_int8_drop=max_int8_drop,
+             optimize=optimize, max_epochs=max_epochs, batch_size=batch_size,
+             learning_rate=learning_rate, min_score=min_score, max_int8_drop=max_int8_drop,
              registered_model_name=registered_model_name),
         overrides, run_id, pipeline_job,
     )  # fmt: skip
     with open(config.path, "w") as f:
         f.write(f"# run {run}\n\n```yaml\n{OmegaConf.to_yaml(cfg)}```\n")
-    return NamedTuple("Configured", overrides=list, run_id=str)(resolved, run)
+    return NamedTuple("Configured", overrides=list, run_id=str, optimize_method=str)(
+        resolved, run, cfg.optimize.method
+    )

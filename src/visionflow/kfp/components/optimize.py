@@ -8,6 +8,7 @@ from visionflow.kfp.components import IMAGE
 def optimize(
     overrides: list,
     run_id: str,
+    method: str,
     dataset: Input[Dataset],
     model: Input[Model],
     optimized: Output[Model],
@@ -16,28 +17,43 @@ def optimize(
 ):
     """Prune the trained network to `optimize.target_macs` of its MACs and fine-tune it
     (`optimize=prune`); measures parameters, MACs, latency and the test metric before and after.
-
-    Not part of the training pipeline yet: a component for pipelines of your own, between train
-    and evaluate/export (which take `optimized` as their `model`).
+    With `optimize.method=none` (the default) it passes train's checkpoint through unchanged.
 
     Args:
-        overrides: Hydra overrides for this run (with optimize=prune).
+        overrides: Hydra overrides for this run.
         run_id: The run's id.
+        method: The run's `optimize.method`, as configure resolved it: `prune`, or `none` to
+            pass train's checkpoint through without loading the config, torch or the data.
         dataset: The prepared dataset.
-        model: The trained checkpoint.
-        optimized: Points at the pruned, fine-tuned checkpoint; its file holds the step's result.
+        model: train's output: the trained checkpoint and train's result.
+        optimized: The run's model for evaluate, export and register: the pruned, fine-tuned
+            checkpoint, or train's; its file holds train's result and optimize's (null when
+            nothing was optimized).
         metrics: Before and after: parameters, MACs, latency at batch 64, the test metric.
-        report: The same as a table.
+        report: The same as a table, or how to switch pruning on.
     """
-    from visionflow.kfp.io import step_config, uri_of, write_pointer
+    from visionflow.kfp.io import read_result, step_config, write_model
+    from visionflow.kfp.reports import NOT_OPTIMIZED
+    from visionflow.results import TrainResult
+
+    trained = read_result(model, TrainResult)
+    if method == "none":
+        write_model(optimized, trained, None, method="none")
+        with open(report.path, "w") as f:
+            f.write(NOT_OPTIMIZED)
+        return
+
     from visionflow.retry import retrying
     from visionflow.steps.optimize import optimize as run
     from visionflow.steps.optimize import report_markdown
 
-    cfg = step_config(overrides, run_id)
-    r = retrying(run)(cfg, dataset_id=dataset.metadata["dataset_id"], checkpoint_uri=uri_of(model))
-    write_pointer(optimized, r.checkpoint_uri, r, macs_kept=r.macs_kept, speedup=r.speedup,
-                  score_drop=r.score_drop)  # fmt: skip
+    r = retrying(run)(
+        step_config(overrides, run_id),
+        dataset_id=dataset.metadata["dataset_id"],
+        checkpoint_uri=trained.checkpoint_uri,
+    )
+    write_model(optimized, trained, r, method=r.method, macs_kept=r.macs_kept, speedup=r.speedup,
+                score_drop=r.score_drop)  # fmt: skip
     for key in ("params_before", "params_after", "macs_before", "macs_after", "latency_ms_before",
                 "latency_ms_after", "score_before", "score_after", "speedup", "score_drop"):  # fmt: skip
         metrics.log_metric(key, float(getattr(r, key)))

@@ -21,7 +21,8 @@ def register(
         overrides: Hydra overrides for this run.
         run_id: The run's id.
         dataset: The prepared dataset (its test split decides the champion).
-        model: The trained checkpoint (for the run's summary: its MLflow run, its URI).
+        model: The run's model: optimize's output (or train's), for the run's summary: the
+            MLflow run, the checkpoints, optimize's figures where it pruned.
         evaluation: evaluate's result: the test score and the quality gate's verdict.
         onnx: The fp32 ONNX model, with export's result (the TorchScript file, parity).
         int8: The int8 ONNX model, with quantize's result (stored or why not, speed-ups).
@@ -32,8 +33,8 @@ def register(
     """
     import json
 
-    from visionflow.kfp.io import read_result, step_config
-    from visionflow.results import EvaluateResult, ExportResult, QuantizeResult, TrainResult
+    from visionflow.kfp.io import read_model, read_result, step_config
+    from visionflow.results import EvaluateResult, ExportResult, QuantizeResult
     from visionflow.retry import retrying
     from visionflow.runs import summary
     from visionflow.steps.register import register as run
@@ -44,7 +45,7 @@ def register(
     r = retrying(run)(cfg, dataset.metadata["dataset_id"], evaluated, exported, quantized)
     with open(report.path, "w") as f:
         f.write(f"**{r.model_name} v{r.model_version}**; champion: {r.champion} ({r.reason})\n")
-    trained = read_result(model, TrainResult)
+    trained, optimized = read_model(model)
     return json.dumps(
         summary(
             cfg.tracking.uri,
@@ -55,5 +56,6 @@ def register(
             exported,
             quantized,
             r,
+            optimized,
         )  # fmt: skip
     )
