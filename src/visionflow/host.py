@@ -1,10 +1,13 @@
-"""The CPU this process runs on, as quantize records it and serving and the reports describe it.
+"""The CPU this process runs on, as quantize records it and serving and the reports describe it,
+and how many of its cores this process may use.
 
 A leaf: plain Python, no torch, so the run summary can describe quantize's host cheaply.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import platform
 from pathlib import Path
 
@@ -40,3 +43,31 @@ def host_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str]:
 def describe_host(host: dict[str, str]) -> str:
     """`host_cpu()` in one line: "AMD EPYC (x86_64; sse4_1 avx avx2 fma)"."""
     return f"{host['cpu']} ({host['arch']}; {host['flags'] or 'no int8 flags read'})"
+
+
+def usable_cpus(cgroup: str | Path = "/sys/fs/cgroup") -> int:
+    """The cores this process may keep busy: those it may run on, capped by its cgroup's CPU
+    quota (`cpu_quota`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cpu_quota(cgroup)
+    return min(cores or 1, quota) if quota is not None else cores or 1
+
+
+def cpu_quota(cgroup: str | Path = "/sys/fs/cgroup") -> int | None:
+    """The whole CPUs this process's cgroup allows per period (a Kubernetes pod's CPU limit; at
+    least 1), from cgroup v2's `cpu.max` or v1's CFS files; None where it sets no limit.
+    `os.cpu_count()` counts the node's cores: a pod limited to 4 CPUs on a 64-core node that
+    starts 64 threads is stalled by the quota each period, every thread holding up the others at
+    each parallel region."""
+    root = Path(cgroup)
+    try:
+        if (v2 := root / "cpu.max").is_file():
+            quota, period = v2.read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota == "max" or int(quota) <= 0:
+            return None
+        return max(1, math.floor(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None

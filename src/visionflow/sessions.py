@@ -8,18 +8,19 @@ only.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from visionflow.host import usable_cpus
 
 
 def ort_session(path: str | Path, threads: int | None = None):
     """An `onnxruntime.InferenceSession` on the CPU: all graph optimisations, `threads` intra-op
-    threads (default: the CPUs, at most 8), no busy-waiting between runs."""
+    threads (default: the cores this process may use, at most 8), no busy-waiting between runs."""
     import onnxruntime as ort  # heavy: loaded when a session is made, not with vision.tasks
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+    opts.intra_op_num_threads = threads or min(usable_cpus(), 8)
     opts.log_severity_level = 3
     # Idle ORT workers busy-wait by default: with two sessions timed side by side (quantize's
     # fp32 vs int8), the idle one's spinning threads steal the cores the other is measured on.

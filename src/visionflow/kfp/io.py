@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from typing import Any, TypeVar
 
 from visionflow import logs
 from visionflow.core.config import load_config
+from visionflow.host import cpu_quota, usable_cpus
 from visionflow.results import OptimizeResult, TrainResult, from_record
 
 R = TypeVar("R")
@@ -24,9 +27,22 @@ def step_config(overrides: list[str], run_id: str):
     from visionflow.compose.validation import validate
 
     logs.setup()
+    threads_within_cpu_limit()
     cfg = load_config([*overrides, f"run_id={run_id}"])
     validate(cfg)
     return cfg
+
+
+def threads_within_cpu_limit(cgroup: str = "/sys/fs/cgroup") -> None:
+    """Under a CPU limit (a pod's), torch's threads and those of the processes the step starts
+    as many as it allows (`host.cpu_quota`), unless OMP_NUM_THREADS says otherwise: torch counts
+    the node's cores."""
+    if "OMP_NUM_THREADS" in os.environ or cpu_quota(cgroup) is None:
+        return
+    threads = usable_cpus(cgroup)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when it is first imported
+    if (torch := sys.modules.get("torch")) is not None:
+        torch.set_num_threads(threads)
 
 
 def write_pointer(artifact, uri: str, result: Any = None, **metadata: Any) -> None:

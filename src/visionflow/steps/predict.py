@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -40,6 +39,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from visionflow.core.config import ConfigError
+from visionflow.host import usable_cpus
 from visionflow.storage import ArtifactStore, LocalStore, StorageError, StorageUnreachable
 
 log = logging.getLogger("visionflow.predict")
@@ -433,7 +433,7 @@ def _run(cfg, plan, source, loaded, out_store, out_prefix, where, tmp: Path) -> 
     skipped = read = done = 0
     limit = float(p.max_bad_fraction) * plan["images"]
     started = time.perf_counter()
-    threads = min(16, 2 * (os.cpu_count() or 1))
+    threads = min(16, 2 * usable_cpus())  # decoding threads: a pod's CPU limit, not the node's
     with ThreadPoolExecutor(threads, thread_name_prefix="predict-load") as pool:
         for index, keys in enumerate(shards):
             key = _join(out_prefix, shard_name(index))
