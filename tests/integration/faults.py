@@ -43,7 +43,7 @@ class FaultyProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._watch: list[tuple[bytes, threading.Event]] = []
+        self._watch: list[tuple[bytes, threading.Event, Mode | None]] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def set_mode(self, mode: Mode) -> None:
@@ -53,11 +53,13 @@ class FaultyProxy:
         for sock in closing:
             _reset(sock)
 
-    def seen(self, request: bytes) -> threading.Event:
-        """An event set once a client sends bytes that contain `request` through the proxy."""
+    def seen(self, request: bytes, then: Mode | None = None) -> threading.Event:
+        """An event set once a client sends bytes that contain `request` through the proxy. With
+        `then`, the proxy switches to that mode at once, before it forwards them: the request
+        seen fails, however soon the client would have been done."""
         event = threading.Event()
         with self._lock:
-            self._watch.append((request, event))
+            self._watch.append((request, event, then))
         return event
 
     def close(self) -> None:
@@ -106,10 +108,14 @@ class FaultyProxy:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def _note(self, data: bytes) -> None:
+        switch = None
         with self._lock:
-            for request, event in self._watch:
-                if request in data:
+            for request, event, then in self._watch:
+                if request in data and not event.is_set():
                     event.set()
+                    switch = switch or then
+        if switch is not None:
+            self.set_mode(switch)
 
     def _unavailable(self, client: socket.socket) -> None:
         with contextlib.suppress(OSError):
