@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,18 +72,20 @@ def run_step(
     import dataclasses
     import importlib
 
+    from visionflow.cluster.pytorchjob import JOB_STEPS
     from visionflow.runs import step_inputs
     from visionflow.storage import open_store
 
     cfg = _step_config(step, overrides)
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
     inputs = step_inputs(store, cfg.run_id, step, dataset_id, checkpoint_uri)
-    if step == "train":  # here, or as a PyTorchJob (cluster.launcher)
-        from visionflow.steps.train import train_anywhere
-
-        result = train_anywhere(cfg, overrides, **inputs)
+    module = importlib.import_module(f"visionflow.steps.{step}")
+    if step in JOB_STEPS:  # here, or as a cluster job (cluster.launcher)
+        result = getattr(module, f"{step}_anywhere")(cfg, overrides, **inputs)
     else:
-        result = getattr(importlib.import_module(f"visionflow.steps.{step}"), step)(cfg, **inputs)
+        result = getattr(module, step)(cfg, **inputs)
+    if result is None:  # a rank other than 0 of a distributed optimize: rank 0 records it
+        return {"run_id": cfg.run_id, "rank": int(os.environ.get("RANK", "0"))}
     out = dataclasses.asdict(result)
     out.pop("manifest", None)  # long; it is in the store
     return {"run_id": cfg.run_id, **out}

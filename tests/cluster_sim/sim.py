@@ -167,7 +167,9 @@ class Simulation(contextlib.AbstractContextManager):
         """One run with `params` over the defaults, checked; raises TaskFailed.
 
         Returns the pipeline's summary (none with `until`, which stops after that task) plus
-        `pytorchjob`, `replicas`, `restarts`, `killed`, `train` (what the train step output),
+        `jobs` (each cluster job's replicas, as launched), `pytorchjob` and `replicas` (train's),
+        `restarts` (all jobs' pods), `killed`, `train` and `optimized` (what the train and
+        optimize steps output),
         `isolation`, and for a whole run `registered` and `bucket_keys`. `kill_worker_when` (a
         function of no arguments): once it is true while the job's Worker runs, the Worker is
         killed with SIGKILL (a preempted pod)."""
@@ -180,16 +182,21 @@ class Simulation(contextlib.AbstractContextManager):
             watch.stop()
         summary = json.loads(outputs["Output"]) if "Output" in outputs else {}
         jobs = watch.summary()
-        (name,) = jobs["jobs"] or [None]
+        # train's job, then optimize's when the run prunes: name -> replicas, as launched
+        summary["jobs"] = {n: j.get("replicas", {}) for n, j in jobs["jobs"].items()}
+        name = next(iter(jobs["jobs"]), None)
         job = jobs["jobs"].get(name, {})
         summary["pytorchjob"] = name
         summary["replicas"] = job.get("replicas", {})
-        summary["restarts"] = sum(job.get("pods", {}).values())
+        summary["restarts"] = sum(sum(j.get("pods", {}).values()) for j in jobs["jobs"].values())
         summary["killed"] = jobs["killed"]
         model = run.records["train"].artifacts["model"]["metadata"]
-        summary["train"] = {k: model.get(k) for k in ("best_score", "resumed_from_step", "monitor")}
+        summary["train"] = {k: model.get(k) for k in ("best_score", "resumed_from_step", "monitor",
+                                                   "mlflow_run_id")}  # fmt: skip
         metrics = run.records["train"].artifacts["metrics"]["metadata"]
         summary["train"]["global_step"] = metrics.get("global_step")
+        if "optimize" in run.records:  # what the optimize step output: the run's model
+            summary["optimized"] = run.records["optimize"].artifacts["optimized"]["metadata"]
         summary["isolation"] = self.isolation(run)
         summary["isolation"]["rendezvous_port"] = jobs["probe"]
         if jobs["probe"].get("outsider") != "refused":

@@ -133,3 +133,30 @@ def test_a_preempted_worker_restarts_in_the_job_and_training_resumes(sim, ui_run
     assert summary["train"]["global_step"] == ui_run["train"]["global_step"]
     assert abs(summary["train"]["best_score"] - ui_run["train"]["best_score"]) <= 0.05
     assert summary["isolation"]["problems"] == []
+
+
+def test_pruning_from_the_ui_fine_tunes_in_its_own_pytorchjob(sim):
+    """optimize=prune as a UI parameter: the optimize step's small pod launches a PyTorchJob of
+    its own on the training nodes (Master and Worker fine-tune under DDP), follows it, and
+    outputs the pruned checkpoint rank 0 stored, for evaluate, export and register."""
+    from mlflow import MlflowClient
+
+    from visionflow.cluster.pytorchjob import job_name
+
+    run_id = "pruned"
+    params = {"optimize": "prune", "overrides": ["optimize.epochs=1", "optimize.bench_repeats=1"]}
+    summary = sim.run(params, job_name=run_id, until="optimize")
+    print(json.dumps({k: summary[k] for k in ("jobs", "restarts", "optimized")}, indent=1))
+    pods = {"Master": 1, "Worker": 1}
+    assert summary["jobs"] == {job_name(run_id): pods, job_name(run_id, "optimize"): pods}
+    assert summary["restarts"] == 0 and summary["isolation"]["problems"] == []
+    optimized = summary["optimized"]
+    assert optimized["method"] == "prune" and 0 < optimized["macs_kept"] <= 0.55
+    assert optimized["uri"] == f"s3://{sim.bucket}/checkpoints/{run_id}/pruned.ckpt"
+    assert f"checkpoints/{run_id}/pruned.ckpt" in sim.s3.keys(sim.bucket)
+    # Rank 0 measured and recorded, in the run's MLflow run; each job went with its step's pod.
+    metrics = MlflowClient(tracking_uri=sim.tracking).get_run(summary["train"]["mlflow_run_id"])
+    assert metrics.data.metrics["optimize/macs_kept"] == pytest.approx(optimized["macs_kept"])
+    for name in summary["jobs"]:
+        collected = {"kind": "PyTorchJob", "namespace": "ml-team", "name": name, "by": "gc"}
+        assert collected in sim.api.collected

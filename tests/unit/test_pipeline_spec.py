@@ -47,20 +47,26 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
     assert_release_wiring(
         executors,
         containers,
-        {"exec-prepare", "exec-optimize", "exec-evaluate", "exec-export", "exec-quantize"},
+        {"exec-prepare", "exec-evaluate", "exec-export", "exec-quantize"},
     )
-    # Only the train step carries the marker that lets cluster.launcher=auto launch a job, and
-    # the downward-API names its job's ownerReference needs.
+    # Only the train and optimize steps carry the marker that lets cluster.launcher=auto launch
+    # a job (each its own step's), and the downward-API names its ownerReference needs.
     env = {n: containers[n]["container"].get("env", []) for n in containers}
-    assert [n for n, e in env.items() if e] == ["exec-train"]
-    assert env["exec-train"] == [{"name": pipeline.KFP_STEP_MARKER, "value": "train"}]
-    fields = {f["name"]: f["fieldPath"] for f in executors["exec-train"]["fieldPathAsEnv"]}
-    assert fields == {"VISIONFLOW_POD_NAME": "metadata.name", "VISIONFLOW_POD_UID": "metadata.uid"}
+    assert [n for n, e in env.items() if e] == ["exec-optimize", "exec-train"]
+    for step in ("train", "optimize"):
+        assert env[f"exec-{step}"] == [{"name": pipeline.KFP_STEP_MARKER, "value": step}]
+        fields = {f["name"]: f["fieldPath"] for f in executors[f"exec-{step}"]["fieldPathAsEnv"]}
+        assert fields == {
+            "VISIONFLOW_POD_NAME": "metadata.name",
+            "VISIONFLOW_POD_UID": "metadata.uid",
+        }
     assert "enableCache" not in tasks["train"]["cachingOptions"]
-    # KFP retries whatever the cause, so only train (a lost pod resumes) keeps a KFP retry; the
-    # other steps retry transient causes in process (visionflow.retry).
-    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 1
-    assert [name for name, t in tasks.items() if "retryPolicy" in t] == ["train"]
+    # KFP retries whatever the cause, so only the steps that follow a cluster job keep a KFP
+    # retry (a lost pod: train resumes, optimize starts again); the other steps retry transient
+    # causes in process (visionflow.retry).
+    retried = {name: t["retryPolicy"]["maxRetryCount"] for name, t in tasks.items()
+               if "retryPolicy" in t}  # fmt: skip
+    assert retried == {"train": 1, "optimize": 1}
     for name, executor in spec["deploymentSpec"]["executors"].items():
         body = executor["container"]["command"][-1]
         assert "configure" in name or "retrying(" in body, name

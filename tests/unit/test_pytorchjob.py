@@ -259,24 +259,32 @@ def test_an_invalid_network_policy_is_caught_by_the_schema():
 # --- when the train step launches a cluster job (cluster.training) --------------------------------
 
 
+K8S = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+
+
 @pytest.mark.parametrize(
-    ("launcher", "env", "expected"),
+    ("launcher", "env", "step", "expected"),
     [
-        ("auto", {"VISIONFLOW_KFP_STEP": "train", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}, True),
-        ("auto", {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, False),  # a notebook pod
-        ("auto", {"VISIONFLOW_KFP_STEP": "train"}, False),  # a laptop with the marker set
-        ("auto", {"VISIONFLOW_KFP_STEP": "evaluate", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}, False),
-        ("local", {"VISIONFLOW_KFP_STEP": "train", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}, False),
-        ("pytorchjob", {}, True),  # explicitly, from anywhere with a kubeconfig
+        ("auto", {"VISIONFLOW_KFP_STEP": "train", **K8S}, "train", True),
+        ("auto", {"VISIONFLOW_KFP_STEP": "optimize", **K8S}, "optimize", True),
+        ("auto", K8S, "train", False),  # a notebook pod
+        ("auto", {"VISIONFLOW_KFP_STEP": "train"}, "train", False),  # a laptop with the marker
+        ("auto", {"VISIONFLOW_KFP_STEP": "evaluate", **K8S}, "train", False),
+        ("auto", {"VISIONFLOW_KFP_STEP": "train", **K8S}, "optimize", False),  # another step's
+        ("auto", {"VISIONFLOW_KFP_STEP": "optimize", **K8S}, "train", False),
+        ("local", {"VISIONFLOW_KFP_STEP": "train", **K8S}, "train", False),
+        ("pytorchjob", {}, "train", True),  # explicitly, from anywhere with a kubeconfig
+        ("pytorchjob", {}, "optimize", True),
     ],
 )
-def test_auto_launches_only_inside_the_pipelines_train_step(monkeypatch, launcher, env, expected):
+def test_auto_launches_only_inside_the_pipelines_own_step(monkeypatch, launcher, env, step,
+                                                          expected):  # fmt: skip
     for var in ("VISIONFLOW_KFP_STEP", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     cfg = load_config([f"cluster.launcher={launcher}"])
-    assert training.use_pytorchjob(cfg) is expected
+    assert training.use_pytorchjob(cfg, step=step) is expected
 
 
 def test_an_unknown_launcher_or_api_is_refused():
@@ -293,7 +301,7 @@ class _Launched(Exception):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Replaces launcher.launch: records its arguments and stops train_on_cluster there."""
+    """Replaces launcher.launch: records its arguments and stops run_on_cluster there."""
     import visionflow.cluster.launcher as launcher
 
     calls: list[tuple[dict, dict]] = []
@@ -309,14 +317,14 @@ def launched(monkeypatch):
 
 
 @pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
-def test_train_on_cluster_launches_the_built_job_owned_by_the_step_pod(launched, monkeypatch, api):
+def test_run_on_cluster_launches_the_built_job_owned_by_the_step_pod(launched, monkeypatch, api):
     monkeypatch.setenv(POD_NAME_ENV, "visionflow-train-abc")
     monkeypatch.setenv(POD_UID_ENV, POD_UID)
     args = [*CLUSTER, f"cluster.api={api}", "cluster.pending_timeout_s=600",
             "cluster.active_deadline_seconds=7200", "cluster.s3_secret=team-s3"]  # fmt: skip
     cfg = load_config(args)
     with pytest.raises(_Launched):
-        training.train_on_cluster(cfg, args, "abc123")
+        training.run_on_cluster(cfg, args, "abc123")
     ((job, kwargs),) = launched
     assert job == training.build_job(cfg, args, step_owner(), "abc123")  # what the builder builds
     assert job["kind"] == {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}[api]
@@ -326,10 +334,58 @@ def test_train_on_cluster_launches_the_built_job_owned_by_the_step_pod(launched,
     assert kwargs == {"timeout_s": 7200, "required_secrets": ["team-s3"], "pending_timeout_s": 600}
 
 
-def test_train_on_cluster_without_the_pod_variables_says_there_is_no_owner(launched, caplog):
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_optimize_fine_tunes_in_its_own_job_on_the_training_nodes(launched, api):
+    """optimize=prune inside the pipeline's optimize step: the same pods as training (GPUs,
+    resources, DDP) run `visionflow optimize` on the checkpoint the step was given, in a job
+    whose name and labels are optimize's, so that it never collides with the run's train job."""
+    args = [*CLUSTER, f"cluster.api={api}", "cluster.nodes=2", "cluster.gpus_per_node=4",
+            "optimize=prune"]  # fmt: skip
+    cfg = load_config(args)
+    ckpt = "s3://visionflow/checkpoints/Run_7/best.ckpt"
+    with pytest.raises(_Launched):
+        training.run_on_cluster(cfg, args, "abc123", step="optimize", checkpoint_uri=ckpt)
+    ((job, _),) = launched
+    train_job = training.build_job(cfg, args, None, "abc123")
+    assert job == training.build_job(
+        cfg, args, None, "abc123", step="optimize", checkpoint_uri=ckpt
+    )  # validated, as launched
+    name = job["metadata"]["name"]
+    assert name == job_name("Run_7", "optimize") != train_job["metadata"]["name"]
+    assert name.endswith("-optimize") and len(name) <= 46
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "optimize"
+    command = (
+        _container(job)["command"] if api == "pytorchjob" else job["spec"]["trainer"]["command"]
+    )
+    i = command.index("visionflow.cli")  # 4 GPUs a pod: under torchrun
+    assert command[i + 1 : i + 6] == ["optimize", "--dataset", "abc123", "--checkpoint", ckpt]
+    assert {"optimize=prune", "cluster.launcher=local", "trainer.strategy=ddp",
+            "trainer.num_nodes=2", "trainer.devices=4"} <= set(command)  # fmt: skip
+    # Everything but the step is training's: the same nodes, GPUs, resources and environment.
+    for built in (job, train_job):
+        built.pop("metadata")
+        if api == "trainjob":
+            built["spec"]["trainer"].pop("command")
+            (patch,) = built["spec"]["runtimePatches"]
+            (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+            replicated["template"]["metadata"].pop("labels")  # the job's
+        else:
+            for role in ("Master", "Worker"):
+                _container(built, role).pop("command")
+    assert job == train_job
+
+
+def test_only_train_and_optimize_run_as_cluster_jobs():
+    with pytest.raises(ValueError, match="no cluster job runs the evaluate step"):
+        job_name("Run_7", "evaluate")
+    with pytest.raises(ValueError, match="no cluster job runs the export step"):
+        training.use_pytorchjob(load_config(CLUSTER), step="export")
+
+
+def test_run_on_cluster_without_the_pod_variables_says_there_is_no_owner(launched, caplog):
     args = [*CLUSTER, "cluster.pending_timeout_s=0"]
     with caplog.at_level(logging.INFO, "visionflow.cluster"), pytest.raises(_Launched):
-        training.train_on_cluster(load_config(args), args, "abc123")
+        training.run_on_cluster(load_config(args), args, "abc123")
     ((job, kwargs),) = launched
     assert "ownerReferences" not in job["metadata"]
     assert kwargs["pending_timeout_s"] is None  # 0: no limit

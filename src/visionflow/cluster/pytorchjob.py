@@ -1,22 +1,24 @@
-"""The PyTorchJob (kubeflow.org/v1) that runs the train step on a cluster, and what goes with it.
+"""The PyTorchJob (kubeflow.org/v1) that runs a step's training on a cluster, and what goes with
+it: the train step's, and the optimize step's fine-tuning of the pruned network (`JOB_STEPS`).
 
 One typed builder turns the run's config into the manifest: a Master and `nodes - 1` Workers,
-each a pod running the same `visionflow train` entrypoint (under torchrun when a pod has several
-GPUs). The Training Operator injects MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and the PET_*
+each a pod running the same `visionflow train` (or `visionflow optimize`) entrypoint (under
+torchrun when a pod has several GPUs). The Training Operator injects MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and the PET_*
 variables; rank 0 alone writes checkpoints and results. Pod templates are validated against the
 Kubernetes 1.30 schemas before anything is submitted. The TrainJob builder (`trainjob`) shares
 the config checks, the command and the pod settings defined here.
 
 The job's lifecycle is bounded whoever launches it:
 
-- ownerReferences: inside the pipeline's train step (env VISIONFLOW_POD_NAME and
+- ownerReferences: inside the pipeline's train or optimize step (env VISIONFLOW_POD_NAME and
   VISIONFLOW_POD_UID, from the downward API) the job names the step's pod as its owner, so the
   garbage collector deletes it with the run. No blockOwnerDeletion: that needs `update` on
   pods/finalizers.
 - runPolicy.ttlSecondsAfterFinished (`cluster.ttl_seconds_after_finished`): a finished job,
   kept for `kubectl logs`, goes after that long.
 - restartPolicy OnFailure and backoffLimit (`cluster.backoff_limit`, 3): a preempted or failed
-  pod is restarted inside the job and training resumes from its last checkpoint.
+  pod is restarted inside the job and training resumes from its last checkpoint (optimize's
+  fine-tuning starts again: it is short and keeps no checkpoint to resume from).
 """
 
 from __future__ import annotations
@@ -40,27 +42,34 @@ JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
 K8S_VERSION = "1.30.0"
+# The steps that run as a cluster job, each under its own job name (job_name).
+JOB_STEPS = ("train", "optimize")
 WORKDIR = "/var/visionflow"  # an emptyDir: the root filesystem stays read-only
 RESTART_POLICIES = ("OnFailure", "Always", "Never", "ExitCode")
-# The pipeline's train step names its own pod (downward API): the job's owner.
+# The pipeline's train and optimize steps name their own pod (downward API): the job's owner.
 POD_NAME_ENV, POD_UID_ENV = "VISIONFLOW_POD_NAME", "VISIONFLOW_POD_UID"
 # Where the pipeline's steps mount the site config (visionflow.core.config.site_overrides); the
 # training pods mount `cluster.site_config_map` at the same place.
 SITE_DIR, SITE_KEY, SITE_ENV = "/var/run/visionflow/site", "cluster.yaml", "VISIONFLOW_SITE_CONFIG"
 
 
-def job_name(run_id: str) -> str:
-    """A DNS-1123 name for the run's job; pod names append `-worker-NN`, so it stays short."""
+def job_name(run_id: str, step: str = "train") -> str:
+    """A DNS-1123 name for the run's job of `step`: train's, or another step's with the step's
+    name at its end (a run's train job may still exist when its optimize job starts). Pod names
+    append `-worker-NN`, so it stays within 46 characters."""
+    if step not in JOB_STEPS:
+        raise ValueError(f"no cluster job runs the {step} step (only {', '.join(JOB_STEPS)})")
+    suffix = "" if step == "train" else f"-{step}"
     base = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
     digest = hashlib.sha256(run_id.encode()).hexdigest()[:6]
-    return f"vf-{base[:36].strip('-')}-{digest}"
+    return f"vf-{base[: 36 - len(suffix)].strip('-')}-{digest}{suffix}"
 
 
 def step_owner(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """The ownerReference to the pipeline step's own pod, or None outside such a step.
 
-    The pipeline sets VISIONFLOW_POD_NAME and VISIONFLOW_POD_UID on its train task (downward
-    API metadata.name, metadata.uid); both are needed.
+    The pipeline sets VISIONFLOW_POD_NAME and VISIONFLOW_POD_UID on its train and optimize tasks
+    (downward API metadata.name, metadata.uid); both are needed.
     """
     env = os.environ if environ is None else environ
     name, uid = env.get(POD_NAME_ENV, "").strip(), env.get(POD_UID_ENV, "").strip()
@@ -106,29 +115,33 @@ def check_cluster_config(cfg, what: str = "a cluster job") -> None:
         )
 
 
-def train_command(
+def job_command(
     cfg,
     overrides: list[str],
     *,
+    step: str = "train",
     dataset_id: str | None = None,
+    checkpoint_uri: str | None = None,
     always_torchrun: bool = False,
     workdir: str | None = None,
 ) -> list[str]:
-    """The command every pod runs: the ordinary train step, told how it is distributed and, with
-    `dataset_id`, which prepared dataset to train on (else the run's, from its record).
+    """The command every pod runs: the ordinary `step` (train, or optimize on `checkpoint_uri`),
+    told how it is distributed and, with `dataset_id`, which prepared dataset to train on (else
+    the run's, from its record).
 
-    A PyTorchJob's pods run `visionflow train` directly when each has one process: the Training
+    A PyTorchJob's pods run `visionflow <step>` directly when each has one process: the Training
     Operator sets the variables torch.distributed reads (MASTER_ADDR, RANK, ...). A TrainJob's
     runtime sets only torchrun's PET_* variables, so its pods always start under torchrun
     (`always_torchrun`); `workdir` then replaces any workdir= override (a TrainJob cannot set
     the container's working directory).
     """
+    job_name(cfg.run_id, step)  # a step that runs as a job
     c = cfg.cluster
     gpus = c.gpus_per_node
     procs = max(gpus, 1)
     settings = [
         f"run_id={cfg.run_id}",
-        "cluster.launcher=local",  # inside the job: train here, never launch another job
+        "cluster.launcher=local",  # inside the job: run here, never launch another job
         f"trainer.num_nodes={c.nodes}",
         f"trainer.devices={procs}",
         f"trainer.accelerator={'gpu' if gpus else 'cpu'}",
@@ -140,10 +153,12 @@ def train_command(
     if workdir:
         args.append(f"workdir={workdir}")
     args += settings
+    if checkpoint_uri:
+        args = ["--checkpoint", checkpoint_uri, *args]
     if dataset_id:
         args = ["--dataset", dataset_id, *args]
     if procs == 1 and not always_torchrun:
-        return ["visionflow", "train", *args]
+        return ["visionflow", step, *args]
     # torchrun starts the processes; $(VAR) is expanded by the kubelet from the variables the
     # operator sets on the container (a TrainJob's runtime: PET_MASTER_ADDR, PET_MASTER_PORT).
     master = "PET_MASTER" if always_torchrun else "MASTER"
@@ -156,7 +171,7 @@ def train_command(
         f"--master-port=$({master}_PORT)",
         "-m",
         "visionflow.cli",
-        "train",
+        step,
         *args,
     ]
 
@@ -277,30 +292,37 @@ def _label(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", value)[:63].strip("-_.")
 
 
-def labels(cfg) -> dict[str, str]:
+def labels(cfg, step: str = "train") -> dict[str, str]:
     """The labels of the job and of what goes with it."""
     return {
         "app.kubernetes.io/name": "visionflow",
-        "app.kubernetes.io/component": "train",
+        "app.kubernetes.io/component": step,
         "visionflow/run-id": _label(cfg.run_id),
     }
 
 
-def job_metadata(cfg, owner: dict[str, Any] | None) -> dict[str, Any]:
+def job_metadata(cfg, owner: dict[str, Any] | None, step: str = "train") -> dict[str, Any]:
     """name, namespace (left to the launcher when cluster.namespace is unset), labels, owner."""
-    meta: dict[str, Any] = {"name": job_name(cfg.run_id)}
+    meta: dict[str, Any] = {"name": job_name(cfg.run_id, step)}
     if cfg.cluster.namespace:
         meta["namespace"] = cfg.cluster.namespace
-    meta["labels"] = labels(cfg)
+    meta["labels"] = labels(cfg, step)
     if owner is not None:
         meta["ownerReferences"] = [dict(owner)]
     return meta
 
 
 def build_pytorchjob(
-    cfg, overrides: list[str], owner: dict[str, Any] | None = None, dataset_id: str | None = None
+    cfg,
+    overrides: list[str],
+    owner: dict[str, Any] | None = None,
+    dataset_id: str | None = None,
+    *,
+    step: str = "train",
+    checkpoint_uri: str | None = None,
 ) -> dict[str, Any]:
-    """The PyTorchJob manifest for this run's training (on `dataset_id`: see train_command).
+    """The PyTorchJob manifest for this run's `step` (train, or optimize on `checkpoint_uri`),
+    on `dataset_id`: see job_command.
 
     `owner`: an ownerReference (`step_owner()`: the pipeline step's pod) the job is deleted with.
     Without cluster.namespace the manifest has no namespace: the launcher uses its own.
@@ -320,7 +342,9 @@ def build_pytorchjob(
             "training resumes from its last checkpoint"
         )
     c = OmegaConf.to_container(cfg.cluster, resolve=True)  # plain values for the manifest
-    command = train_command(cfg, overrides, dataset_id=dataset_id)
+    command = job_command(
+        cfg, overrides, step=step, dataset_id=dataset_id, checkpoint_uri=checkpoint_uri
+    )
     replicas: dict[str, Any] = {}
     for role, count in (("Master", 1), ("Worker", c["nodes"] - 1)):
         if count:
@@ -339,7 +363,7 @@ def build_pytorchjob(
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": job_metadata(cfg, owner),
+        "metadata": job_metadata(cfg, owner, step),
         "spec": {
             "nprocPerNode": str(max(c["gpus_per_node"], 1)),
             "runPolicy": run_policy,

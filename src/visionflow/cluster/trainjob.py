@@ -1,4 +1,5 @@
-"""The TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2) that runs the train step.
+"""The TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2) that runs a step's training
+(train's, or optimize's fine-tuning: pytorchjob.JOB_STEPS).
 
 `cluster.api=trainjob` selects it instead of the PyTorchJob. The job refers to a torch
 ClusterTrainingRuntime (`cluster.runtime`, `torch-distributed` by default) whose replicated job
@@ -35,9 +36,9 @@ from visionflow.cluster.pytorchjob import (
     check_cluster_config,
     check_pod_values,
     check_schema,
+    job_command,
     job_metadata,
     pod_template,
-    train_command,
     validate_metadata,
 )
 from visionflow.core.config import ConfigError
@@ -76,10 +77,16 @@ def _quantities(resources: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_trainjob(
-    cfg, overrides: list[str], owner: dict[str, Any] | None = None, dataset_id: str | None = None
+    cfg,
+    overrides: list[str],
+    owner: dict[str, Any] | None = None,
+    dataset_id: str | None = None,
+    *,
+    step: str = "train",
+    checkpoint_uri: str | None = None,
 ) -> dict[str, Any]:
-    """The TrainJob manifest for this run's training on `dataset_id` (see the module's docstring
-    and pytorchjob.train_command).
+    """The TrainJob manifest for this run's `step` (train, or optimize on `checkpoint_uri`) on
+    `dataset_id` (see the module's docstring and pytorchjob.job_command).
 
     `owner`: an ownerReference (`pytorchjob.step_owner()`: the pipeline step's pod).
     """
@@ -91,10 +98,12 @@ def build_trainjob(
             "clustertrainingruntimes), e.g. torch-distributed"
         )
     procs = max(int(c.gpus_per_node), 1)
-    command = train_command(
+    command = job_command(
         cfg,
         overrides,
+        step=step,
         dataset_id=dataset_id,
+        checkpoint_uri=checkpoint_uri,
         always_torchrun=True,
         workdir=f"{WORKDIR}/.visionflow",
     )
@@ -108,7 +117,7 @@ def build_trainjob(
             "volumeMounts": container["volumeMounts"],
         }
     ]
-    meta = job_metadata(cfg, owner)
+    meta = job_metadata(cfg, owner, step)
     replicated_job = {
         "name": REPLICATED_JOB,
         "template": {

@@ -43,14 +43,14 @@ S3_SECRET_KEYS = {
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
 }
 # Requests and limits per step pod (CPU, memory), and a memory-backed /dev/shm for the steps
-# that load data with DataLoader workers. The train step's pod only launches and follows the
-# PyTorchJob (whose pods get cluster.* resources and GPUs), so it is small.
+# that load data with DataLoader workers. The train and optimize steps' pods only launch and
+# follow a cluster job (whose pods get cluster.* resources and GPUs), or pass train's checkpoint
+# through (optimize by default), so they are small.
 RESOURCES = {
     "configure": ("1", "2Gi", None),
     "prepare": ("4", "16Gi", "2Gi"),
     "train": ("1", "2Gi", None),
-    # Fine-tunes on the step's own pod, on its CPUs (or passes train's checkpoint through).
-    "optimize": ("4", "16Gi", "2Gi"),
+    "optimize": ("1", "2Gi", None),
     "evaluate": ("4", "16Gi", "2Gi"),
     "export": ("2", "8Gi", "2Gi"),
     "quantize": ("4", "16Gi", "2Gi"),
@@ -59,9 +59,23 @@ RESOURCES = {
     # threads and runs ONNX Runtime on the pod's cores.
     "predict": ("4", "16Gi", "1Gi"),
 }
-# Set on the train task only: `cluster.launcher=auto` launches a PyTorchJob only inside a step
-# of this pipeline running in Kubernetes (visionflow.cluster.training.use_pytorchjob).
+# Set on the train and optimize tasks only, to the step's name: `cluster.launcher=auto` launches
+# a cluster job only inside such a step of this pipeline running in Kubernetes
+# (visionflow.cluster.training.use_pytorchjob).
 KFP_STEP_MARKER = "VISIONFLOW_KFP_STEP"
+
+
+def launches_job(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
+    """For a step whose work runs as a cluster job (train; optimize, when it prunes): the
+    marker that lets it launch one, and the step pod's own name and uid (downward API), which
+    the job names as its owner, so that deleting the run deletes the job. Its one KFP retry
+    (for a lost pod) launches the job again: train resumes from its last checkpoint, optimize
+    prunes and fine-tunes again."""
+    task.set_env_variable(KFP_STEP_MARKER, step)
+    kubernetes.use_field_path_as_env(task, "VISIONFLOW_POD_NAME", "metadata.name")
+    kubernetes.use_field_path_as_env(task, "VISIONFLOW_POD_UID", "metadata.uid")
+    task.set_retry(num_retries=1, backoff_duration="10s")
+    return task
 
 
 def on_cluster(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
@@ -69,8 +83,8 @@ def on_cluster(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
 
     No KFP retries here: KFP v2 retries a task whatever made it fail, so a failed gate or bad
     input would run again to the same end. Each component retries its step in process for
-    transient causes only (visionflow.retry: network, MinIO, MLflow); only train keeps a KFP
-    retry, for a lost pod.
+    transient causes only (visionflow.retry: network, MinIO, MLflow); only the steps that follow
+    a cluster job keep a KFP retry, for a lost pod (launches_job).
     """
     kubernetes.use_config_map_as_env(task, ENV_CONFIG_MAP, {k: k for k in ENV_KEYS})
     kubernetes.use_config_map_as_env(
@@ -118,22 +132,16 @@ def training_pipeline(
     train_task = train(**common, dataset=dataset)
     # The train step's own pod only launches and follows a PyTorchJob, whose pods get the GPUs,
     # node selectors, tolerations and shared memory (cluster.* config); it runs under the run's
-    # service account (the chart's, allowed to manage PyTorchJobs). Its one KFP retry (for a lost
-    # pod) resumes from the last checkpoint. Never cached: a rerun must train, even with the same
-    # inputs.
-    on_cluster(train_task, "train")
-    train_task.set_env_variable(KFP_STEP_MARKER, "train")
-    # The job's pods name the step's pod as their owner: deleting the run deletes the job.
-    kubernetes.use_field_path_as_env(train_task, "VISIONFLOW_POD_NAME", "metadata.name")
-    kubernetes.use_field_path_as_env(train_task, "VISIONFLOW_POD_UID", "metadata.uid")
-    train_task.set_retry(num_retries=1, backoff_duration="10s")
-    train_task.set_caching_options(enable_caching=False)
+    # service account (the chart's, allowed to manage PyTorchJobs). Never cached: a rerun must
+    # train, even with the same inputs. Optimize's pod does the same for its fine-tuning.
+    launches_job(train_task, "train").set_caching_options(enable_caching=False)
     opt_task = optimize_component(
         **common,
         method=cfg.outputs["optimize_method"],
         dataset=dataset,
         model=train_task.outputs["model"],
     )
+    launches_job(opt_task, "optimize")
     model_ckpt = opt_task.outputs["optimized"]
     eval_task = evaluate(**common, dataset=dataset, model=model_ckpt)
     export_task = export(**common, dataset=dataset, model=model_ckpt)
@@ -149,6 +157,7 @@ def training_pipeline(
     for step, task in (
         ("configure", cfg),
         ("prepare", data_task),
+        ("train", train_task),
         ("optimize", opt_task),
         ("evaluate", eval_task),
         ("export", export_task),

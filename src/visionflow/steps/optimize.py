@@ -8,7 +8,14 @@ export and quantize take it as they take train's (compose.models.load_network re
 
 Before and after are measured side by side in this process: parameters, MACs of one image,
 median milliseconds per batch of 64 on the CPU in ONNX Runtime (fp32, what serve and predict run;
-calls alternating), and the task's main metric on the test split. They are logged to MLflow as `optimize/...` metrics and recorded with the host's CPU.
+calls alternating), and the task's main metric on the test split. They are logged to MLflow as
+`optimize/...` metrics and recorded with the host's CPU.
+
+Where it runs is train's choice (`cluster.launcher`, `optimize_anywhere`): in process, or, in the
+pipeline's optimize step on Kubernetes, as a cluster job on the GPU nodes like training
+(pytorchjob.JOB_STEPS), whose pods run `visionflow optimize`. Under DDP every rank prunes the
+same checkpoint the same way (pruning is deterministic) and fine-tunes its share of the data;
+rank 0 alone stores the pruned checkpoint, measures and records.
 """
 
 from __future__ import annotations
@@ -21,12 +28,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers.logger import DummyLogger
 from omegaconf import OmegaConf
 from torch import nn
 
 from visionflow import tracking
+from visionflow.cluster.training import run_on_cluster, use_pytorchjob
 from visionflow.compose.data import build_datamodule
 from visionflow.compose.models import load_network
 from visionflow.compose.training import (
@@ -76,11 +85,31 @@ def report_markdown(r: OptimizeResult) -> str:
     )
 
 
-def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult:
-    """Prune the checkpoint's network to `optimize.target_macs`, fine-tune it, measure both."""
+def optimize_anywhere(
+    cfg, overrides: list[str], dataset_id: str, checkpoint_uri: str
+) -> OptimizeResult | None:
+    """The optimize step where `cluster.launcher` says: here (see `optimize`), or as a cluster
+    job whose pods run it under DDP, rank 0's result read from the run's record."""
+    _check(cfg)  # before a job is launched for nothing
+    if use_pytorchjob(cfg, step="optimize"):
+        return run_on_cluster(
+            cfg, overrides, dataset_id, step="optimize", checkpoint_uri=checkpoint_uri
+        )
+    return optimize(cfg, dataset_id, checkpoint_uri)
+
+
+def _check(cfg) -> None:
     check_optimize(cfg)
     if cfg.optimize.method != "prune":
         raise ConfigError("optimize.method=none: there is nothing to run (choose optimize=prune)")
+
+
+def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult | None:
+    """Prune the checkpoint's network to `optimize.target_macs`, fine-tune it, measure both.
+
+    None on the ranks other than 0 of a distributed fine-tuning: rank 0 measures and records.
+    """
+    _check(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     store = open_store(cfg.storage.root, cfg.storage.endpoint)
     original, spec = load_network(checkpoint_uri, cfg.storage.endpoint)
@@ -95,6 +124,8 @@ def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult:
     # Absolute channel counts: a pruned checkpoint pruned again records the union.
     spec = {**spec, "pruned": {**spec.get("pruned", {}), **shapes}}
     pruned_uri = _fine_tune(cfg, net, spec, dm, store)
+    if pruned_uri is None:
+        return None
     pruned, _ = load_network(pruned_uri, cfg.storage.endpoint)
 
     (macs_before, params_before), (macs_after, params_after) = (
@@ -134,9 +165,10 @@ def optimize(cfg, dataset_id: str, checkpoint_uri: str) -> OptimizeResult:
     return result
 
 
-def _fine_tune(cfg, net: nn.Module, spec: dict, dm, store: ArtifactStore) -> str:
+def _fine_tune(cfg, net: nn.Module, spec: dict, dm, store: ArtifactStore) -> str | None:
     """Train the pruned network as the train step would, for `optimize.epochs`; store the epoch
-    with the best validation metric as pruned.ckpt and return its URI.
+    with the best validation metric as pruned.ckpt and return its URI (None on the ranks other
+    than 0 of a distributed run: rank 0 saved the checkpoint, in its own pod).
 
     There is no resuming, and the curves are not logged: train's MLflow run has its own
     `train/loss` and `val/acc`; this step logs its before/after figures instead.
@@ -152,6 +184,12 @@ def _fine_tune(cfg, net: nn.Module, spec: dict, dm, store: ArtifactStore) -> str
     # A logger that does nothing, for callbacks that insist on one (LearningRateMonitor).
     trainer = build_trainer(tuning, callbacks, logger=DummyLogger())
     trainer.fit(module, datamodule=dm)
+    if torch.distributed.is_initialized():
+        # What follows is rank 0's alone: leave the process group, or torchmetrics' compute in
+        # the test scores would wait for ranks that have ended (it syncs whenever one exists).
+        torch.distributed.destroy_process_group()
+    if not trainer.is_global_zero:
+        return None
     key = f"{checkpoint_prefix(cfg.run_id)}/pruned.ckpt"
     return store.put_file(Path(best.best_model_path), key)
 

@@ -31,7 +31,7 @@ from visionflow.callbacks.checkpointing import (
     StoreCheckpointIO,
     step_checkpoints,
 )
-from visionflow.cluster.training import train_on_cluster, use_pytorchjob
+from visionflow.cluster.training import run_on_cluster, use_pytorchjob
 from visionflow.compose.data import build_datamodule
 from visionflow.compose.models import build_model, task_of
 from visionflow.compose.training import (
@@ -151,7 +151,7 @@ def train(cfg, dataset_id: str) -> TrainResult:
 def train_anywhere(cfg, overrides: list[str], dataset_id: str) -> TrainResult:
     """The train step where `cluster.launcher` says: here, or as a PyTorchJob on the cluster."""
     if use_pytorchjob(cfg):
-        return train_on_cluster(cfg, overrides, dataset_id)
+        return run_on_cluster(cfg, overrides, dataset_id, step="train")
     return train(cfg, dataset_id)
 
 

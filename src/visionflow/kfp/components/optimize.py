@@ -19,6 +19,9 @@ def optimize(
     (`optimize=prune`); measures parameters, MACs, latency and the test metric before and after.
     With `optimize.method=none` (the default) it passes train's checkpoint through unchanged.
 
+    On Kubernetes the pruning and fine-tuning run as a cluster job on the training nodes, like
+    train's (see visionflow.cluster); the step follows it and outputs what rank 0 recorded.
+
     Args:
         overrides: Hydra overrides for this run.
         run_id: The run's id.
@@ -44,14 +47,15 @@ def optimize(
         return
 
     from visionflow.retry import retrying
-    from visionflow.steps.optimize import optimize as run
-    from visionflow.steps.optimize import report_markdown
+    from visionflow.steps.optimize import optimize_anywhere, report_markdown
 
-    r = retrying(run)(
+    r = retrying(optimize_anywhere)(
         step_config(overrides, run_id),
+        overrides,
         dataset_id=dataset.metadata["dataset_id"],
         checkpoint_uri=trained.checkpoint_uri,
     )
+    assert r is not None  # this process is rank 0, or followed the job that recorded it
     write_model(optimized, trained, r, method=r.method, macs_kept=r.macs_kept, speedup=r.speedup,
                 score_drop=r.score_drop)  # fmt: skip
     for key in ("params_before", "params_after", "macs_before", "macs_after", "latency_ms_before",
