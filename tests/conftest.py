@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`make test` runs the suite on several pytest-xdist workers with `--dist loadgroup`: each
     module's tests run on one worker (so its module-scoped fixtures start once), unless the
     module names a group that it shares with others (`xdist_group`: a costly session fixture
-    or the host's network namespaces).
+    or the host's network namespaces). pytest_xdist_node_collection_finished checks that the groups took.
 
     Groups start longest first, so that the many short ones fill the workers' last minutes:
     FIRST, then the groups with a slow test, then the rest (pyproject's --no-loadscope-reorder
@@ -50,6 +50,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return FIRST.index(g) if g in FIRST else len(FIRST) + (g not in slow)
 
     items.sort(key=start)
+
+
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """Under `--dist loadgroup` every test must carry its group. pytest-xdist's workers send it
+    by appending `@group` to node ids, and where that no longer takes (pytest 9.2,
+    pytest-dev/pytest-xdist#1386) the groups are silently split: module fixtures then start on
+    every worker, and tests that must not run side by side (the network namespaces) do."""
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    if ungrouped := [i for i in ids if "@" not in i]:
+        pytest.exit(
+            f"pytest-xdist's --dist loadgroup did not group {ungrouped[0]} (and "
+            f"{len(ungrouped) - 1} more): this pytest ({pytest.__version__}) drops the group "
+            "suffix xdist puts on node ids (pytest-dev/pytest-xdist#1386); install the pytest "
+            "that requirements.lock pins (make setup)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 @pytest.fixture(autouse=True)
