@@ -167,7 +167,8 @@ class Simulation(contextlib.AbstractContextManager):
         """One run with `params` over the defaults, checked; raises TaskFailed.
 
         Returns the pipeline's summary (none with `until`, which stops after that task) plus
-        `jobs` (each cluster job's replicas, as launched), `pytorchjob` and `replicas` (train's),
+        `jobs` (each cluster job's replicas and its pods' restarts, as launched), `pytorchjob` and
+        `replicas` (train's),
         `restarts` (all jobs' pods), `killed`, `train` and `optimized` (what the train and
         optimize steps output),
         `isolation`, and for a whole run `registered` and `bucket_keys`. `kill_worker_when` (a
@@ -182,8 +183,10 @@ class Simulation(contextlib.AbstractContextManager):
             watch.stop()
         summary = json.loads(outputs["Output"]) if "Output" in outputs else {}
         jobs = watch.summary()
-        # train's job, then optimize's when the run prunes: name -> replicas, as launched
-        summary["jobs"] = {n: j.get("replicas", {}) for n, j in jobs["jobs"].items()}
+        # train's job, then optimize's when the run prunes, as launched
+        summary["jobs"] = {n: {"replicas": j.get("replicas", {}),
+                               "restarts": sum(j.get("pods", {}).values())}
+                           for n, j in jobs["jobs"].items()}  # fmt: skip
         name = next(iter(jobs["jobs"]), None)
         job = jobs["jobs"].get(name, {})
         summary["pytorchjob"] = name

@@ -112,30 +112,45 @@ def test_a_run_from_the_ui_with_default_parameters(sim, ui_run):
             "by": "gc"} in sim.api.collected  # fmt: skip
 
 
-def test_a_preempted_worker_restarts_in_the_job_and_training_resumes(sim, ui_run):
+@pytest.fixture(scope="module")
+def preempted_run(sim):
+    """A run started from the UI with `optimize=prune` (and `optimize.epochs=1` in `overrides`),
+    whose train Worker is killed (SIGKILL) mid-epoch just after a checkpoint reached the store;
+    it stops after optimize. Two tests read it, the preemption's and the pruning's: one run
+    instead of two keeps the suite's time. Returns (summary, the stored checkpoint's step when
+    the Worker died)."""
+    run_id, seen = "preempted", {}
+
+    def checkpoint_written() -> bool:
+        seen["step"] = sim.checkpoint_step(run_id)
+        return bool(seen["step"])
+
+    params = {"optimize": "prune", "overrides": ["optimize.epochs=1", "optimize.bench_repeats=1"]}
+    summary = sim.run(params, job_name=run_id, until="optimize",
+                      kill_worker_when=checkpoint_written)  # fmt: skip
+    print(json.dumps({k: summary[k] for k in ("killed", "jobs", "train", "optimized")}, indent=1))
+    return summary, seen["step"]
+
+
+def test_a_preempted_worker_restarts_in_the_job_and_training_resumes(ui_run, preempted_run):
     """SIGKILL to the Worker mid-epoch, just after a checkpoint reached the store: the job's
     pods restart in place (restartPolicy OnFailure), training resumes from that checkpoint and
     ends where and as well as the uninterrupted run did."""
-    job, seen = "preempted", {}
+    from visionflow.cluster.pytorchjob import job_name
 
-    def checkpoint_written() -> bool:
-        seen["step"] = sim.checkpoint_step(job)
-        return bool(seen["step"])
-
-    summary = sim.run(job_name=job, until="train", kill_worker_when=checkpoint_written)
-    print(json.dumps({k: summary[k] for k in ("killed", "restarts", "train")}, indent=1))
-    assert summary["killed"] and summary["restarts"] >= 1
+    summary, step = preempted_run
+    assert summary["killed"] and summary["jobs"][job_name("preempted")]["restarts"] >= 1
     interval = 10  # ci/sim-values.yaml: train.checkpoint_every_n_steps
     resumed = summary["train"]["resumed_from_step"]
     # From the checkpoint in the store when the Worker died (or the next, if it landed before
     # the kill): the steps redone are fewer than one checkpoint interval.
-    assert resumed in (seen["step"], seen["step"] + interval)
+    assert resumed in (step, step + interval)
     assert summary["train"]["global_step"] == ui_run["train"]["global_step"]
     assert abs(summary["train"]["best_score"] - ui_run["train"]["best_score"]) <= 0.05
     assert summary["isolation"]["problems"] == []
 
 
-def test_pruning_from_the_ui_fine_tunes_in_its_own_pytorchjob(sim):
+def test_pruning_from_the_ui_fine_tunes_in_its_own_pytorchjob(sim, preempted_run):
     """optimize=prune as a UI parameter: the optimize step's small pod launches a PyTorchJob of
     its own on the training nodes (Master and Worker fine-tune under DDP), follows it, and
     outputs the pruned checkpoint rank 0 stored, for evaluate, export and register."""
@@ -143,13 +158,10 @@ def test_pruning_from_the_ui_fine_tunes_in_its_own_pytorchjob(sim):
 
     from visionflow.cluster.pytorchjob import job_name
 
-    run_id = "pruned"
-    params = {"optimize": "prune", "overrides": ["optimize.epochs=1", "optimize.bench_repeats=1"]}
-    summary = sim.run(params, job_name=run_id, until="optimize")
-    print(json.dumps({k: summary[k] for k in ("jobs", "restarts", "optimized")}, indent=1))
-    pods = {"Master": 1, "Worker": 1}
-    assert summary["jobs"] == {job_name(run_id): pods, job_name(run_id, "optimize"): pods}
-    assert summary["restarts"] == 0 and summary["isolation"]["problems"] == []
+    summary, _ = preempted_run
+    run_id, pods = "preempted", {"Master": 1, "Worker": 1}
+    assert list(summary["jobs"]) == [job_name(run_id), job_name(run_id, "optimize")]
+    assert summary["jobs"][job_name(run_id, "optimize")] == {"replicas": pods, "restarts": 0}
     optimized = summary["optimized"]
     assert optimized["method"] == "prune" and 0 < optimized["macs_kept"] <= 0.55
     assert optimized["uri"] == f"s3://{sim.bucket}/checkpoints/{run_id}/pruned.ckpt"
@@ -160,3 +172,4 @@ def test_pruning_from_the_ui_fine_tunes_in_its_own_pytorchjob(sim):
     for name in summary["jobs"]:
         collected = {"kind": "PyTorchJob", "namespace": "ml-team", "name": name, "by": "gc"}
         assert collected in sim.api.collected
+    assert summary["isolation"]["problems"] == []
