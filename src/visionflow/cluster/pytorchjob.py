@@ -3,10 +3,11 @@ it: the train step's, and the optimize step's fine-tuning of the pruned network 
 
 One typed builder turns the run's config into the manifest: a Master and `nodes - 1` Workers,
 each a pod running the same `visionflow train` (or `visionflow optimize`) entrypoint (under
-torchrun when a pod has several GPUs). The Training Operator injects MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and the PET_*
-variables; rank 0 alone writes checkpoints and results. Pod templates are validated against the
-Kubernetes 1.30 schemas before anything is submitted. The TrainJob builder (`trainjob`) shares
-the config checks, the command and the pod settings defined here.
+torchrun when a pod has several GPUs). The Training Operator injects MASTER_ADDR, MASTER_PORT,
+WORLD_SIZE, RANK and the PET_* variables; rank 0 alone writes checkpoints and results. Pod
+templates are validated against the Kubernetes 1.30 schemas before anything is submitted. The
+TrainJob builder (`trainjob`) shares the config checks, the command and the pod settings defined
+here.
 
 The job's lifecycle is bounded whoever launches it:
 
