@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`make test` runs the suite on several pytest-xdist workers with `--dist loadgroup`: each
     module's tests run on one worker (so its module-scoped fixtures start once), unless the
     module names a group that it shares with others (`xdist_group`: a costly session fixture
-    or the host's network namespaces). pytest_xdist_node_collection_finished checks that the groups took.
+    or the host's network namespaces); pytest_xdist_node_collection_finished checks that the
+    groups took.
 
     Groups start longest first, so that the many short ones fill the workers' last minutes:
     FIRST, then the groups with a slow test, then the rest (pyproject's --no-loadscope-reorder

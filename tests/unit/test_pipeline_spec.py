@@ -54,7 +54,7 @@ def test_compiled_pipeline_exposes_every_knob_and_pins_images(tmp_path, monkeypa
     env = {n: containers[n]["container"].get("env", []) for n in containers}
     assert [n for n, e in env.items() if e] == ["exec-optimize", "exec-train"]
     for step in ("train", "optimize"):
-        assert env[f"exec-{step}"] == [{"name": pipeline.KFP_STEP_MARKER, "value": step}]
+        assert env[f"exec-{step}"] == [{"name": "VISIONFLOW_KFP_STEP", "value": step}]
         fields = {f["name"]: f["fieldPath"] for f in executors[f"exec-{step}"]["fieldPathAsEnv"]}
         assert fields == {
             "VISIONFLOW_POD_NAME": "metadata.name",

@@ -49,17 +49,25 @@ WORKDIR = "/var/visionflow"  # an emptyDir: the root filesystem stays read-only
 RESTART_POLICIES = ("OnFailure", "Always", "Never", "ExitCode")
 # The pipeline's train and optimize steps name their own pod (downward API): the job's owner.
 POD_NAME_ENV, POD_UID_ENV = "VISIONFLOW_POD_NAME", "VISIONFLOW_POD_UID"
+# The pipeline sets it, to the step's name, on those steps alone: `cluster.launcher=auto`
+# launches a job only there (training.use_pytorchjob).
+KFP_STEP_ENV = "VISIONFLOW_KFP_STEP"
 # Where the pipeline's steps mount the site config (visionflow.core.config.site_overrides); the
 # training pods mount `cluster.site_config_map` at the same place.
 SITE_DIR, SITE_KEY, SITE_ENV = "/var/run/visionflow/site", "cluster.yaml", "VISIONFLOW_SITE_CONFIG"
+
+
+def check_job_step(step: str) -> None:
+    """ValueError unless `step` is one that runs as a cluster job (JOB_STEPS)."""
+    if step not in JOB_STEPS:
+        raise ValueError(f"no cluster job runs the {step} step (only {', '.join(JOB_STEPS)})")
 
 
 def job_name(run_id: str, step: str = "train") -> str:
     """A DNS-1123 name for the run's job of `step`: train's, or another step's with the step's
     name at its end (a run's train job may still exist when its optimize job starts). Pod names
     append `-worker-NN`, so it stays within 46 characters."""
-    if step not in JOB_STEPS:
-        raise ValueError(f"no cluster job runs the {step} step (only {', '.join(JOB_STEPS)})")
+    check_job_step(step)
     suffix = "" if step == "train" else f"-{step}"
     base = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
     digest = hashlib.sha256(run_id.encode()).hexdigest()[:6]
@@ -136,7 +144,7 @@ def job_command(
     (`always_torchrun`); `workdir` then replaces any workdir= override (a TrainJob cannot set
     the container's working directory).
     """
-    job_name(cfg.run_id, step)  # a step that runs as a job
+    check_job_step(step)
     c = cfg.cluster
     gpus = c.gpus_per_node
     procs = max(gpus, 1)

@@ -10,11 +10,12 @@ from typing import Any
 
 from visionflow.cluster import launcher
 from visionflow.cluster.pytorchjob import (
-    JOB_STEPS,
+    KFP_STEP_ENV,
     POD_NAME_ENV,
     POD_UID_ENV,
     SITE_ENV,
     build_pytorchjob,
+    check_job_step,
     step_owner,
     validate_job,
 )
@@ -26,9 +27,6 @@ from visionflow.storage import open_store
 log = logging.getLogger("visionflow.cluster")
 LAUNCHERS = ("auto", "local", "pytorchjob")
 APIS = ("pytorchjob", "trainjob")
-# Set by the compiled pipeline on its train and optimize tasks, to the step's name
-# (visionflow.kfp.pipeline.KFP_STEP_MARKER).
-KFP_STEP_ENV = "VISIONFLOW_KFP_STEP"
 
 
 def use_pytorchjob(cfg, environ: Mapping[str, str] | None = None, step: str = "train") -> bool:
@@ -41,8 +39,7 @@ def use_pytorchjob(cfg, environ: Mapping[str, str] | None = None, step: str = "t
     $KUBERNETES_SERVICE_HOST (set in every pod): a notebook or any other pod in the cluster has
     only the latter, and trains in process.
     """
-    if step not in JOB_STEPS:
-        raise ValueError(f"no cluster job runs the {step} step (only {', '.join(JOB_STEPS)})")
+    check_job_step(step)
     launcher = cfg.cluster.launcher
     if launcher not in LAUNCHERS:
         raise ConfigError(

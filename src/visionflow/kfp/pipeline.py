@@ -16,6 +16,7 @@ without conditions; a pass-through runs the same in kfp.local, the simulation an
 
 from kfp import dsl, kubernetes
 
+from visionflow.cluster.pytorchjob import KFP_STEP_ENV, POD_NAME_ENV, POD_UID_ENV
 from visionflow.kfp.components.configure import configure
 from visionflow.kfp.components.evaluate import evaluate
 from visionflow.kfp.components.export import export
@@ -59,10 +60,6 @@ RESOURCES = {
     # threads and runs ONNX Runtime on the pod's cores.
     "predict": ("4", "16Gi", "1Gi"),
 }
-# Set on the train and optimize tasks only, to the step's name: `cluster.launcher=auto` launches
-# a cluster job only inside such a step of this pipeline running in Kubernetes
-# (visionflow.cluster.training.use_pytorchjob).
-KFP_STEP_MARKER = "VISIONFLOW_KFP_STEP"
 
 
 def launches_job(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
@@ -71,9 +68,9 @@ def launches_job(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
     the job names as its owner, so that deleting the run deletes the job. Its one KFP retry
     (for a lost pod) launches the job again: train resumes from its last checkpoint, optimize
     prunes and fine-tunes again."""
-    task.set_env_variable(KFP_STEP_MARKER, step)
-    kubernetes.use_field_path_as_env(task, "VISIONFLOW_POD_NAME", "metadata.name")
-    kubernetes.use_field_path_as_env(task, "VISIONFLOW_POD_UID", "metadata.uid")
+    task.set_env_variable(KFP_STEP_ENV, step)
+    kubernetes.use_field_path_as_env(task, POD_NAME_ENV, "metadata.name")
+    kubernetes.use_field_path_as_env(task, POD_UID_ENV, "metadata.uid")
     task.set_retry(num_retries=1, backoff_duration="10s")
     return task
 
