@@ -179,3 +179,56 @@ def test_flops_are_counted_again_when_progressive_resizing_changes_the_size(tmp_
 )
 def test_gpu_peaks_by_device_name(name, peak):
     assert peak_bf16_flops(name) == peak
+
+
+class FakeGpu:
+    """What the callback reads from CUDA and NVML, for a fit that runs on the CPU: this machine
+    has no GPU, so these reads are mocked (`torch.cuda`'s peak memory, synchronize and
+    utilisation, and the device's name); the callback's own arithmetic and logging run as they
+    would on a GPU."""
+
+    def __init__(self, monkeypatch, name: str, peak_gib: float, busy_percent: int | None) -> None:
+        self.resets = self.syncs = 0
+        self.peak_bytes = int(peak_gib * 2**30)
+        self.busy_percent = busy_percent
+        monkeypatch.setattr("visionflow.callbacks.telemetry._gpu_name", lambda device: name)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self._reset)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak_bytes)
+        monkeypatch.setattr(torch.cuda, "synchronize", self._sync)
+        monkeypatch.setattr(torch.cuda, "utilization", self._utilization)
+
+    def _reset(self, device=None) -> None:
+        self.resets += 1
+
+    def _sync(self, device=None) -> None:
+        self.syncs += 1
+
+    def _utilization(self, device=None) -> int:
+        if self.busy_percent is None:
+            raise ModuleNotFoundError("No module named 'pynvml'")
+        return self.busy_percent
+
+
+def test_on_a_gpu_each_epoch_adds_peak_memory_utilisation_and_mfu(tmp_path, monkeypatch):
+    gpu = FakeGpu(monkeypatch, "NVIDIA H200", peak_gib=3.5, busy_percent=80)
+    linear = nn.Linear(3 * 4 * 4, 3)
+    logged, _ = _fit(tmp_path, nn.Sequential(nn.Flatten(), linear), _images())
+    epochs = logged.epochs()
+    assert len(epochs) == 2
+    gpu_keys = {"perf/gpu_memory_peak_gib", "perf/gpu_utilisation", "perf/mfu"}
+    for perf in epochs:
+        assert set(perf) == CPU_KEYS | gpu_keys
+        assert perf["perf/gpu_memory_peak_gib"] == pytest.approx(3.5)
+        assert perf["perf/gpu_utilisation"] == pytest.approx(0.8)
+        # MFU: FLOPs per image x images/s over the H200's dense bf16 peak
+        achieved = perf["perf/gflops_per_image"] * 1e9 * perf["perf/images_per_s"]
+        assert perf["perf/mfu"] == pytest.approx(achieved / 989.4e12)
+    assert gpu.resets == 2  # the peak is each epoch's own
+    assert gpu.syncs == 2  # once per epoch, after its last batch: no wait at any other step
+
+
+def test_without_nvml_or_a_known_peak_the_gpu_epoch_leaves_those_out(tmp_path, monkeypatch):
+    FakeGpu(monkeypatch, "NVIDIA GeForce GTX 1080", peak_gib=1.0, busy_percent=None)
+    logged, _ = _fit(tmp_path, nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3)), _images())
+    for perf in logged.epochs():
+        assert set(perf) == CPU_KEYS | {"perf/gpu_memory_peak_gib"}

@@ -83,10 +83,10 @@ class Telemetry(pl.Callback):
         self._in_epoch = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        device = pl_module.device
-        self._cuda = device.type == "cuda"
-        self._peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if self._cuda else None
-        self._sample_utilisation = self._cuda and _utilisation(device) is not None
+        name = _gpu_name(pl_module.device)
+        self._cuda = name is not None
+        self._peak = peak_bf16_flops(name) if name is not None else None
+        self._sample_utilisation = self._cuda and _utilisation(pl_module.device) is not None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._begin_epoch(trainer, pl_module)
@@ -209,6 +209,11 @@ def _input_key(pl_module: pl.LightningModule, batch: Any) -> tuple:
     images = _images_of(batch)
     shape = tuple(images.shape[1:]) if isinstance(images, torch.Tensor) else None
     return shape, getattr(pl_module, "input_size", None)
+
+
+def _gpu_name(device: torch.device) -> str | None:
+    """The CUDA name of the GPU the module trains on ("NVIDIA H200"); None on any other device."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def _utilisation(device: torch.device) -> float | None:
