@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from visionflow.core.registry import DATAMODULES
 from visionflow.storage import split_uri
@@ -142,6 +141,10 @@ def paint_mask(image: CocoImage) -> np.ndarray:
 
 def _decode(seg: list | dict, h: int, w: int) -> np.ndarray:
     """A boolean H×W mask from polygons, uncompressed RLE or compressed RLE."""
+    # imported here: every datamodule's module is imported to fill the registry, and a machine
+    # that trains on other data need not have pycocotools (a GPU image without it)
+    from pycocotools import mask as mask_utils
+
     if isinstance(seg, list):
         # frPyObjects takes a 4-number list for a box: keep real polygons (≥ 3 points) only.
         polygons = [p for p in seg if len(p) >= 6]
