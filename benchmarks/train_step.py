@@ -19,10 +19,10 @@ How the two take turns depends on the device (`--turns` chooses):
   host prepares the next step, which waiting after each step would undo; it is waited for after
   the first step and the last only.
 
-Without `--model` it measures the table of the device at hand: on a CPU simple_cnn and resnet18
-at 32 px (resnet50 at 224 px takes minutes a step there: GPU only), and simple_cnn at 16 px with
-8 images a batch, a step so short that the host's own work per step shows, as it does in front
-of a fast GPU.
+Without `--model` it measures a table (`--table`; default: the device's): on a CPU simple_cnn and
+resnet18 at 32 px (resnet50 at 224 px takes minutes a step there: GPU only), and simple_cnn at
+16 px with 8 images a batch, a step so short that the host's own work per step shows, as it does
+in front of a fast GPU.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ from torch.utils.data import DataLoader
 
 from visionflow.compose import plain
 from visionflow.compose.models import build_model
-from visionflow.compose.training import build_callbacks, progress_callback
+from visionflow.compose.training import build_callbacks, build_module, progress_callback
 from visionflow.core.config import load_config, to_container
-from visionflow.vision.modules import ClassificationModule
 
 # (model, image size, batch size, steps per round, rounds) measured without --model
 TABLES = {
@@ -53,6 +52,8 @@ TABLES = {
             ("simple_cnn", 16, 8, 150, 3)],
     "cuda": [("simple_cnn", 32, 512, 100, 5), ("resnet18", 32, 512, 100, 5),
              ("resnet50", 224, 256, 30, 3)],
+    # the cuda table's models at a CPU's size, for a smoke run of scripts/gpu_session.sh
+    "smoke": [("simple_cnn", 32, 4, 3, 1), ("resnet18", 32, 4, 3, 1), ("resnet50", 64, 2, 3, 1)],
 }  # fmt: skip
 
 
@@ -131,11 +132,9 @@ def plain_run(plain: Plain, batches) -> list[float]:
     return times
 
 
-def fit_ours(net, batches, cfg, device: str, precision: str, channels_last: bool, timer: Clock):
-    options = to_container(cfg.train)
-    options.pop("checkpoint_every_n_steps")  # the Trainer's (checkpoints are left out)
-    options["channels_last"] = channels_last
-    module = ClassificationModule(net, spec={}, optim=to_container(cfg.optim), **options)
+def fit_ours(net, batches, cfg, device: str, precision: str, timer: Clock) -> dict[str, float]:
+    """One fit of ours; returns what its telemetry logged (`perf/...`, without the prefix)."""
+    module = build_module(cfg, net, {"task": "classification", "classes": list(range(10))})
     args = {k: v for k, v in plain(cfg.trainer).items() if v is not None}
     args.update(accelerator=device, devices=1, strategy="auto", max_epochs=1, precision=precision,
                 limit_train_batches=None, limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
@@ -144,16 +143,24 @@ def fit_ours(net, batches, cfg, device: str, precision: str, channels_last: bool
         callbacks=[progress_callback(), *build_callbacks(cfg.callbacks), timer],
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, shuffle=False))
+    return {
+        k.removeprefix("perf/"): float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith("perf/")
+    }
 
 
 def measure(model: str, image_size: int, batch_size: int, steps: int, rounds: int,
             precision: str, channels_last: bool, turns: str) -> dict[str, float]:  # fmt: skip
     """Images/second of each after the first step and the first step's milliseconds (medians
-    over rounds), and the median of the rounds' ratios."""
+    over rounds), the median of the rounds' ratios, and what ours' telemetry logged in its last
+    round (`telemetry`: on a GPU, its memory, utilisation and MFU as well)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if steps < 2:
         raise SystemExit("--steps: at least 2 (the first step is timed apart)")
-    cfg = load_config([f"model={model}", f"trainer.precision={precision}"])
+    cfg = load_config(
+        [f"model={model}", f"trainer.precision={precision}", f"train.channels_last={channels_last}"]
+    )
     optim_cfg = to_container(cfg.optim)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -169,8 +176,11 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, rounds: in
     def new_plain() -> Plain:
         return Plain(copy.deepcopy(net0), optim_cfg, precision, steps)
 
+    telemetry: dict[str, float] = {}
+
     def ours(timer: Clock) -> list[float]:
-        fit_ours(copy.deepcopy(net0), batches, cfg, device, precision, channels_last, timer)
+        telemetry.clear()
+        telemetry.update(fit_ours(copy.deepcopy(net0), batches, cfg, device, precision, timer))
         return timer.ours
 
     def step_by_step() -> dict[str, list[float]]:
@@ -203,12 +213,14 @@ def measure(model: str, image_size: int, batch_size: int, steps: int, rounds: in
         "high": max(ratios),
         "plain_first_ms": 1000 * statistics.median(first["plain"]),
         "ours_first_ms": 1000 * statistics.median(first["ours"]),
+        "telemetry": dict(telemetry),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", help="one model (default: the device's table)")
+    p.add_argument("--model", help="one model (default: a table's)")
+    p.add_argument("--table", choices=sorted(TABLES), help="the cases (default: the device's)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="steps per round")
@@ -227,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = (
         [(args.model, args.image_size, args.batch_size, args.steps, args.repeats)]
         if args.model
-        else TABLES[device]
+        else TABLES[args.table or device]
     )
     where = (
         torch.cuda.get_device_name()
@@ -245,7 +257,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {model:<11}{size:>6}{batch:>6}{steps:>6}{rounds:>7}"
               f"{m['plain']:>13.1f}{m['ours']:>12.1f}{m['ratio']:>11.3f}"
               f"{m['low']:>6.3f}-{m['high']:.3f}"
-              f"{m['plain_first_ms']:>19.1f}{m['ours_first_ms']:>8.1f}", flush=True)  # fmt: skip
+              f"{m['plain_first_ms']:>19.1f}{m['ours_first_ms']:>8.1f}")  # fmt: skip
+        # its epoch includes the first step (which counts the FLOPs), left out of the ratio; taking
+        # turns step by step, the plain steps run between ours count as ours' data wait
+        caveat = " (plain's steps counted as data wait)" if turns == "step" else ""
+        print(
+            f"    ours' telemetry, last round{caveat}: "
+            + " ".join(f"{k}={v:.4g}" for k, v in sorted(m["telemetry"].items())),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The cifar10_fast measurement: prepare, decode once, compile, then time the training alone.
 
-Run through `scripts/cifar10_fast.sh` (which explains the setup). Uses visionflow's pieces
+Run through `scripts/gpu_session.sh` (whose header explains the setup). Uses visionflow's pieces
 directly (config, prepare, the cached datamodule, the registered model, ClassificationModule,
 a Lightning Trainer) with no logger and no checkpoints, so neither MLflow nor an artifact
 server is needed. Phases, each timed on its own:
@@ -105,18 +105,21 @@ def trainer(cfg, callbacks, **extra):
     )  # fmt: skip
 
 
-def run(root: Path, workdir: Path, overrides: list[str], variants: list[list[str]]) -> list[dict]:
+def run(
+    root: Path, workdir: Path, overrides: list[str], variants: list[list[str]],
+    experiment: str = "cifar10_fast",
+) -> list[dict]:  # fmt: skip
     import lightning.pytorch as pl
     import torch
 
     from visionflow.compose.data import build_datamodule
     from visionflow.compose.models import build_model
+    from visionflow.compose.training import build_module
     from visionflow.core.config import load_config, to_container
     from visionflow.steps.prepare import prepare
     from visionflow.storage import open_store
-    from visionflow.vision.modules import ClassificationModule
 
-    base = ["experiment=cifar10_fast", f"data.root={root}", f"workdir={workdir}", *overrides]
+    base = [f"experiment={experiment}", f"data.root={root}", f"workdir={workdir}", *overrides]
     cfg = load_config(base)
     times = {}
     t = time.perf_counter()
@@ -135,7 +138,7 @@ def run(root: Path, workdir: Path, overrides: list[str], variants: list[list[str
     pl.seed_everything(cfg.seed, verbose=False)
     net = build_model(cfg.model, num_classes=len(dm.classes))
     initial = copy.deepcopy(net.state_dict())  # each fit whitens the stem again, in its setup
-    module = ClassificationModule(net, {}, to_container(cfg.optim), **to_container(cfg.train))
+    module = build_module(cfg, net, {"task": "classification", "classes": dm.classes})
 
     t = time.perf_counter()  # compile + autotune, on the very network timed below
     warm = trainer(cfg, [], max_epochs=1)  # one whole epoch: every shape and path once
@@ -191,6 +194,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--workdir", default="/tmp/visionflow-cifar10-fast")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="for cifar10_fast.json")
     p.add_argument("--variant", action="append", default=[], help="extra overrides, one run each")
+    p.add_argument("--experiment", default="cifar10_fast", help="cifar10_fast_smoke: CPU size")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = p.parse_args(argv)
     if args.pack:
@@ -203,7 +207,7 @@ def main(argv: list[str]) -> None:
         print(f"unpacked {n} files in {time.perf_counter() - t:.1f}s")
         root = tree
     variants = [v.split() for v in args.variant]
-    results = run(root.resolve(), Path(args.workdir), args.overrides, variants)
+    results = run(root.resolve(), Path(args.workdir), args.overrides, variants, args.experiment)
     out = Path(args.out) / "cifar10_fast.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))
