@@ -33,7 +33,8 @@ PARTS=${PARTS:-bench cifar int8}
 WORK=${WORK:-/tmp/visionflow-gpu-work}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
-if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import hydra, omegaconf, webdataset" 2>/dev/null; then
+if ls .whl/*.whl >/dev/null 2>&1 \
+    && ! "$PY" -c "import hydra, omegaconf, antlr4, webdataset, braceexpand, tenacity" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl
   export PYTHONPATH="$WORK/site"
 fi
