@@ -109,7 +109,9 @@ def _trained_on_cifar(root: Path, workdir: Path, epochs: int, overrides: list[st
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument(
-        "--workdir", type=Path, help="a workdir with a finished run (default: train one)"
+        "--workdir",
+        type=Path,
+        help="a workdir with a finished run (default: train one); with --cifar, where it trains",
     )
     p.add_argument("--run-id", help="the run in --workdir whose export to quantize")
     p.add_argument(
