@@ -190,7 +190,8 @@ def run(
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pack", nargs=2, metavar=("TREE", "NPZ"), help="pack a JPEG tree and exit")
-    p.add_argument("--data", help="ImageFolder tree, or an .npz from --pack (unpacked to /tmp)")
+    p.add_argument("--unpack", nargs=2, metavar=("NPZ", "TREE"), help="unpack one and exit")
+    p.add_argument("--data", help="the ImageFolder tree of JPEGs")
     p.add_argument("--workdir", default="/tmp/visionflow-cifar10-fast")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="for cifar10_fast.json")
     p.add_argument("--variant", action="append", default=[], help="extra overrides, one run each")
@@ -199,15 +200,13 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if args.pack:
         return pack(Path(args.pack[0]), Path(args.pack[1]))
-    root = Path(args.data)
-    if root.suffix == ".npz":
-        tree = Path(args.workdir) / "cifar10-jpeg"
+    if args.unpack:
         t = time.perf_counter()
-        n = unpack(root, tree)
-        print(f"unpacked {n} files in {time.perf_counter() - t:.1f}s")
-        root = tree
+        n = unpack(Path(args.unpack[0]), Path(args.unpack[1]))
+        return print(f"unpacked {n} files in {time.perf_counter() - t:.1f}s")
     variants = [v.split() for v in args.variant]
-    results = run(root.resolve(), Path(args.workdir), args.overrides, variants, args.experiment)
+    root = Path(args.data).resolve()
+    results = run(root, Path(args.workdir), args.overrides, variants, args.experiment)
     out = Path(args.out) / "cifar10_fast.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2))

@@ -62,8 +62,7 @@ tree=$DATA
 if [[ "$DATA" == *.npz ]] && [[ " $PARTS " == *" cifar "* || " $PARTS " == *" int8 "* ]]; then
   tree=$WORK/cifar10-jpeg
   rm -rf "$tree"
-  "$PY" -c "import sys; sys.path.insert(0, 'scripts'); from cifar10_fast import unpack; from pathlib import Path
-print('unpacked', unpack(Path('$DATA'), Path('$tree')), 'files')"
+  "$PY" scripts/cifar10_fast.py --unpack "$DATA" "$tree"
 fi
 
 failed=()

@@ -92,22 +92,20 @@ def packed(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def session(tmp_path, packed, like_the_gpu_machine):
+    """Runs the script's `parts` at CPU size; returns the finished process and its $OUT."""
+    out = tmp_path / "out"
+
     def run(parts: str) -> tuple[subprocess.CompletedProcess, Path]:
-        return _session(tmp_path, packed, like_the_gpu_machine, parts)
+        env = {**os.environ, "SMOKE": "1", "PARTS": parts, "OUT": str(out), "DATA": str(packed),
+               "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+               "PYTHONPATH": str(like_the_gpu_machine)}  # fmt: skip
+        done = subprocess.run(
+            ["bash", "scripts/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+        return done, out
 
     return run
-
-
-def _session(tmp_path: Path, packed: Path, site: Path, parts: str):
-    out = tmp_path / "out"
-    env = {**os.environ, "SMOKE": "1", "PARTS": parts, "OUT": str(out), "DATA": str(packed),
-           "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
-           "PYTHONPATH": str(site)}  # fmt: skip
-    done = subprocess.run(
-        ["bash", "scripts/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    return done, out
 
 
 def test_bench_compares_the_three_models_and_shows_ours_telemetry(session):
