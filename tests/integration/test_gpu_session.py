@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CLASSES, PER_CLASS = 10, 20
 
 pytestmark = pytest.mark.slow
+# The two longest tests (a minute or more each) in groups of their own, so that two workers can
+# run them side by side: this module's fixtures take a second.
+own_group = pytest.mark.xdist_group
 
 REFUSE = """import importlib.abc, sys
 DENIED = {denied!r}
@@ -108,6 +111,7 @@ def session(tmp_path, packed, like_the_gpu_machine):
     return run
 
 
+@own_group("gpu_session_bench")
 def test_bench_compares_the_three_models_and_shows_ours_telemetry(session):
     done, out = session("bench")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -137,6 +141,7 @@ def test_cifar10_fast_times_its_training_and_reports_both_accuracies(session):
     }  # fmt: skip
 
 
+@own_group("gpu_session_int8")
 def test_int8_quantizes_cifar_resnet18_each_way_and_gives_a_verdict(session):
     done, out = session("int8")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
